@@ -31,10 +31,20 @@ __all__ = [
 
 
 def _is_transformed(t: Tensor) -> bool:
-    """True when `t` is wrapped by a torch.func transform (vmap/grad/jvp), where value checks
-    (data-dependent control flow) are impossible or meaningless; shape checks still run."""
-    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return bool(check(t)) if check is not None else False
+    """True when `t` is traced or wrapped by a transform (torch.func vmap/grad/jvp, the make_fx
+    tracing inside torch.func.linearize, fake tensors, torch.compile). Value checks there are
+    data-dependent control flow, impossible or meaningless, so they are skipped; shape checks run."""
+    functorch = getattr(torch._C, "_functorch", None)
+    wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
+    if wrapped is not None and wrapped(t):
+        return True
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    if compiling is not None and compiling():
+        return True
+    from torch.utils import _python_dispatch
+
+    in_mode = getattr(_python_dispatch, "is_in_torch_dispatch_mode", None)
+    return bool(in_mode is not None and in_mode())
 
 
 @dataclass

@@ -451,3 +451,18 @@ def test_cotangent_laplacian_degenerate_faces_finite():
 def test_laplacian_bad_kind():
     with pytest.raises(ValueError, match="kind"):
         laplacian(tet().verts, tet().faces, kind="fancy")
+
+
+def test_mesh_construction_inside_torch_func_transforms():
+    # The solver linearizes/vmaps functions that rebuild meshes: validation must not break tracing.
+    s = icosphere(1, dtype=torch.float64)
+
+    def fn(v):
+        return vertex_normals(normalize(s.with_verts(v)).verts, s.faces)
+
+    u = torch.randn(s.verts.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _, expected = jvp(fn, (s.verts,), (u,))
+    _, jfn = torch.func.linearize(fn, s.verts)
+    assert torch.allclose(jfn(u), expected, atol=1e-12)
+    batched = torch.func.vmap(fn)(torch.stack([s.verts, 2 * s.verts]))
+    assert torch.allclose(batched[1], fn(2 * s.verts), atol=1e-12)
