@@ -1,0 +1,157 @@
+"""Matrix-free Jacobian operator: ``J u``, ``J^T w`` and ``J^T J v`` from JVPs and VJPs only.
+
+For ``fn: (n,) -> (m,)`` at a point ``x0``, ``torch.func.linearize`` is traced once (lazily, at the first
+JVP) and gives ``u -> J u`` at about the cost of one forward pass; ``torch.func.vjp`` is built once and
+gives a reusable ``w -> J^T w``.  ``J^T J v = J^T (J v)``: the Jacobian is never stored, except by
+:meth:`JacobianOperator.columns` for small ``n`` (dense path, ``m x n`` memory).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Counters", "JacobianOperator"]
+
+
+@dataclass
+class Counters:
+    """Running counts of the expensive calls (one instance per problem, shared with its operators).
+
+    ``residual_evals``: residual-function calls for cost evaluation; ``linearizations``: operator builds
+    (each traces the residual function: one forward for the VJP, one more for ``linearize`` on first use);
+    ``jvps`` / ``vjps``: Jacobian products.
+    """
+
+    residual_evals: int = 0
+    linearizations: int = 0
+    jvps: int = 0
+    vjps: int = 0
+
+    def snapshot(self) -> Counters:
+        return Counters(self.residual_evals, self.linearizations, self.jvps, self.vjps)
+
+    def __sub__(self, other: Counters) -> Counters:
+        return Counters(
+            self.residual_evals - other.residual_evals,
+            self.linearizations - other.linearizations,
+            self.jvps - other.jvps,
+            self.vjps - other.vjps,
+        )
+
+
+class JacobianOperator:
+    """The Jacobian ``J = d fn / d x`` at ``x0: (n,)``, applied only through products.
+
+    ``row_scale: (m,) | None`` multiplies the rows (``J~ = diag(row_scale) J``), used for residual weights
+    and robust-loss corrections.  ``value: (m,)`` is ``fn(x0)`` (unscaled).  If ``torch.func.linearize``
+    fails to trace ``fn``, JVPs fall back to ``torch.func.jvp`` (one forward per product) and
+    ``on_linearize_failure(err)`` is called once so the owner can skip ``linearize`` next time.
+    ``use_linearize=False`` uses plain ``torch.func.jvp`` from the start: cheaper when only a few products
+    are needed (tracing costs tens of milliseconds of Python overhead).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Tensor], Tensor],
+        x0: Tensor,
+        *,
+        row_scale: Tensor | None = None,
+        counters: Counters | None = None,
+        use_linearize: bool = True,
+    ) -> None:
+        if x0.dim() != 1:
+            raise ValueError(f"JacobianOperator: x0 must be a flat (n,) vector, got shape {tuple(x0.shape)}")
+        self.fn = fn
+        self.x0 = x0.detach()
+        self.n = x0.numel()
+        self.counters = counters if counters is not None else Counters()
+        self.counters.linearizations += 1
+        value, self._vjp_fn = torch.func.vjp(fn, self.x0)
+        if value.dim() != 1:
+            raise ValueError(f"JacobianOperator: fn must return a flat (m,) vector, got {tuple(value.shape)}")
+        self.value = value.detach()
+        self.m = value.numel()
+        self.row_scale = row_scale
+        self.use_linearize = use_linearize
+        self.on_linearize_failure: Callable[[BaseException], None] | None = None
+        self.linearize_error: BaseException | None = None
+        self._jvp_fn: Callable[[Tensor], Tensor] | None = None
+        self._columns: Tensor | None = None
+
+    # ------------------------------------------------------------------ raw products
+    def _raw_jvp(self, u: Tensor) -> Tensor:
+        if self._jvp_fn is None and self.use_linearize:
+            try:
+                with warnings.catch_warnings():  # torch.fx const-folding chatter, harmless
+                    warnings.simplefilter("ignore", UserWarning)
+                    _, self._jvp_fn = torch.func.linearize(self.fn, self.x0)
+            except Exception as err:  # noqa: BLE001 - any tracing failure: fall back to plain jvp
+                self.use_linearize = False
+                self.linearize_error = err
+                if self.on_linearize_failure is not None:
+                    self.on_linearize_failure(err)
+        if self._jvp_fn is not None:
+            return self._jvp_fn(u)
+        return torch.func.jvp(self.fn, (self.x0,), (u,))[1]
+
+    def jvp(self, u: Tensor) -> Tensor:
+        """``J~ u``: ``u: (n,) -> (m,)``."""
+        self.counters.jvps += 1
+        out = self._raw_jvp(u)
+        return out if self.row_scale is None else out * self.row_scale
+
+    def vjp(self, w: Tensor) -> Tensor:
+        """``J~^T w``: ``w: (m,) -> (n,)``."""
+        self.counters.vjps += 1
+        if self.row_scale is not None:
+            w = w * self.row_scale
+        return self._vjp_fn(w)[0]
+
+    def jtj(self, v: Tensor) -> Tensor:
+        """``J~^T J~ v``: ``(n,) -> (n,)``, one JVP and one VJP."""
+        return self.vjp(self.jvp(v))
+
+    # ------------------------------------------------------------------ small-n helpers
+    def columns(self) -> Tensor:
+        """The explicit ``J~: (m, n)`` from ``n`` JVPs (cached).  Only for small ``n``: ``m n`` memory."""
+        if self._columns is None:
+            eye = torch.eye(self.n, dtype=self.x0.dtype, device=self.x0.device)
+            try:  # one batched pass when the residual function supports vmap
+                cols = torch.func.vmap(self._raw_jvp)(eye).T
+            except Exception:  # noqa: BLE001 - not vmappable: one product per column
+                cols = torch.stack([self._raw_jvp(eye[i]) for i in range(self.n)], dim=1)
+            self.counters.jvps += self.n
+            self._columns = cols if self.row_scale is None else cols * self.row_scale[:, None]
+        return self._columns
+
+    def dense_jtj(self) -> Tensor:
+        """``J~^T J~: (n, n)`` assembled exactly from the ``n`` columns."""
+        c = self.columns()
+        h = c.T @ c
+        return 0.5 * (h + h.T)
+
+    def diag_exact(self) -> Tensor:
+        """``diag(J~^T J~): (n,)`` exactly, as squared column norms (``n`` JVPs)."""
+        c = self.columns()
+        return (c * c).sum(0)
+
+    def diag_hutchinson(self, probes: int, generator: torch.Generator | None = None) -> Tensor:
+        """Unbiased estimate of ``diag(J~^T J~)`` by Hutchinson probes: ``mean_k (J~^T s_k)^2``.
+
+        ``s_k: (m,)`` random +-1 residual signs, so ``E[(J^T s)_j^2] = sum_i J_ij^2``; one VJP per probe,
+        always non-negative.  ``generator`` (a CPU ``torch.Generator``) makes the estimate reproducible.
+        """
+        if probes < 1:
+            raise ValueError(f"diag_hutchinson: probes must be >= 1, got {probes}")
+        acc = torch.zeros(self.n, dtype=self.x0.dtype, device=self.x0.device)
+        for _ in range(probes):
+            s = torch.randint(0, 2, (self.m,), generator=generator)
+            s = s.to(device=self.x0.device, dtype=self.x0.dtype)
+            g = self.vjp(2 * s - 1)
+            acc += g * g
+        return acc / probes

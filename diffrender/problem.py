@@ -1,0 +1,417 @@
+"""Nonlinear least-squares problems over a dict of named parameter tensors.
+
+``cost(x) = 1/2 * sum_b w_b * sum_i rho_b(r_{b,i}(x)^2)`` (Ceres convention), where ``r_b`` is the
+residual block ``b`` returned by the user's residual function, ``w_b`` its weight and ``rho_b`` its robust
+loss (identity when none), applied to each scalar residual.  The solvers see the problem only through
+
+* ``prepare_context(x)``: the no-grad, data-dependent step (e.g. a renderer's pixel-face pairs);
+* ``evaluate(x, ctx)``: cost and per-block costs, no gradients;
+* ``linearize(x, ctx)``: a :class:`~diffrender.linalg.operator.JacobianOperator` of the whitened residual
+  ``r~`` whose ``J~^T r~`` is the exact gradient of the robust cost (Triggs' correction, as in Ceres);
+* ``cost(x, ctx)``: the differentiable scalar cost (for first-order solvers).
+
+The solving wing never imports the renderer: a problem is any Python function of tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffrender.linalg.operator import Counters, JacobianOperator
+from diffrender.manifolds import AxisAngleSO3, Euclidean, Manifold
+
+__all__ = [
+    "Problem",
+    "ParamLayout",
+    "Evaluation",
+    "Linearization",
+    "PreconditionerInfo",
+    "PreconditionerFactory",
+    "RobustLoss",
+    "TrivialLoss",
+    "Huber",
+    "Cauchy",
+    "Manifold",
+    "Euclidean",
+    "AxisAngleSO3",
+]
+
+ResidualFn = Callable[[dict[str, Tensor], Any], "Tensor | dict[str, Tensor]"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Robust losses
+# ----------------------------------------------------------------------------------------------------------
+class RobustLoss:
+    """A robust loss ``rho(s)`` of the squared residual ``s = r^2`` (Ceres' LossFunction convention).
+
+    Subclasses implement :meth:`evaluate`, returning ``rho(s), rho'(s), rho''(s)`` elementwise.
+    ``rho(s) ~ s`` for small ``s`` so that the loss only changes the treatment of outliers.
+    """
+
+    def evaluate(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class TrivialLoss(RobustLoss):
+    """``rho(s) = s``: plain least squares."""
+
+    def evaluate(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return s, torch.ones_like(s), torch.zeros_like(s)
+
+    def __repr__(self) -> str:
+        return "TrivialLoss()"
+
+
+class Huber(RobustLoss):
+    """Huber: ``rho(s) = s`` for ``s <= delta^2``, else ``2 delta sqrt(s) - delta^2``."""
+
+    def __init__(self, delta: float = 1.0) -> None:
+        if not delta > 0:
+            raise ValueError(f"Huber delta must be > 0, got {delta}")
+        self.delta = float(delta)
+
+    def evaluate(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b = self.delta**2
+        outlier = s > b
+        root = torch.sqrt(torch.where(outlier, s, torch.ones_like(s)))  # safe sqrt: only used where s > b
+        rho = torch.where(outlier, 2 * self.delta * root - b, s)
+        rho1 = torch.where(outlier, self.delta / root, torch.ones_like(s))
+        safe_s = torch.where(outlier, s, torch.ones_like(s))
+        rho2 = torch.where(outlier, -rho1 / (2 * safe_s), torch.zeros_like(s))
+        return rho, rho1, rho2
+
+    def __repr__(self) -> str:
+        return f"Huber(delta={self.delta})"
+
+
+class Cauchy(RobustLoss):
+    """Cauchy: ``rho(s) = delta^2 log(1 + s / delta^2)``."""
+
+    def __init__(self, delta: float = 1.0) -> None:
+        if not delta > 0:
+            raise ValueError(f"Cauchy delta must be > 0, got {delta}")
+        self.delta = float(delta)
+
+    def evaluate(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b = self.delta**2
+        t = 1 + s / b
+        return b * torch.log1p(s / b), 1 / t, -1 / (b * t * t)
+
+    def __repr__(self) -> str:
+        return f"Cauchy(delta={self.delta})"
+
+
+def triggs_scales(r: Tensor, loss: RobustLoss) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-residual scalings of Triggs' correction (Triggs et al. 2000, sec. 4.3; Ceres ``Corrector``).
+
+    For a scalar residual ``r`` with ``s = r^2``: ``alpha = 1 - sqrt(1 + 2 s rho''/rho')`` when ``rho'' > 0``,
+    else 0; ``r~ = sqrt(rho') / (1 - alpha) r`` and ``J~ = sqrt(rho') (1 - alpha) J``.  Hence
+    ``J~^T r~ = rho' J^T r``, the exact gradient of ``1/2 rho(r^2)``, and ``J~^T J~`` is the robust GN Hessian
+    (IRLS weights ``rho'`` when ``rho'' <= 0``, the case of Huber and Cauchy).
+    Returns ``(rho(s), residual_scale, jacobian_scale)``, all shaped like ``r``.
+    """
+    s = r * r
+    rho, rho1, rho2 = loss.evaluate(s)
+    rho1 = rho1.clamp_min(torch.finfo(r.dtype).tiny)
+    sqrt_rho1 = torch.sqrt(rho1)
+    use = (rho2 > 0) & (s > 0)
+    d = 1 + 2 * s * torch.where(use, rho2, torch.zeros_like(rho2)) / rho1
+    alpha = torch.where(use, 1 - torch.sqrt(d), torch.zeros_like(d))
+    return rho, sqrt_rho1 / (1 - alpha), sqrt_rho1 * (1 - alpha)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameter layout
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where each named parameter lives in the flat tangent vector ``delta: (n,)``."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    sizes: tuple[int, ...]  # tangent sizes
+    manifolds: tuple[Manifold, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def n(self) -> int:
+        """Total tangent dimension."""
+        return sum(self.sizes)
+
+    def slices(self) -> dict[str, slice]:
+        """Name -> slice of the flat tangent vector."""
+        out, start = {}, 0
+        for name, size in zip(self.names, self.sizes, strict=True):
+            out[name] = slice(start, start + size)
+            start += size
+        return out
+
+    def split(self, v: Tensor) -> dict[str, Tensor]:
+        """Flat tangent ``(n,)`` -> dict of per-parameter tangent pieces, shaped like the parameter when
+        the tangent and the parameter have the same number of elements."""
+        out = {}
+        for (name, sl), shape in zip(self.slices().items(), self.shapes, strict=True):
+            piece = v[sl]
+            out[name] = piece.reshape(shape) if piece.numel() == math.prod(shape) else piece
+        return out
+
+    def join(self, parts: dict[str, Tensor]) -> Tensor:
+        """Dict of per-parameter tangent pieces -> flat ``(n,)`` vector (inverse of :meth:`split`)."""
+        return torch.cat([parts[name].reshape(-1) for name in self.names])
+
+    def zeros(self) -> Tensor:
+        """The zero tangent ``(n,)``."""
+        return torch.zeros(self.n, dtype=self.dtype, device=self.device)
+
+    def retract(self, x: dict[str, Tensor], delta: Tensor) -> dict[str, Tensor]:
+        """``x (+) delta`` parameter by parameter through each manifold."""
+        out = dict(x)
+        for (name, sl), man in zip(self.slices().items(), self.manifolds, strict=True):
+            out[name] = man.retract(x[name], delta[sl])
+        return out
+
+    def flatten(self, x: dict[str, Tensor]) -> Tensor:
+        """Concatenate the parameter values (not tangents) into one vector, e.g. for ``||x||``."""
+        return torch.cat([x[name].reshape(-1) for name in self.names])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results of evaluation / linearization
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """Cost at a point: ``cost = sum(block_costs.values())`` (a Python float; may be nan/inf)."""
+
+    cost: float
+    block_costs: dict[str, float]
+
+
+@dataclass
+class Linearization:
+    """Everything a second-order step needs at one point ``x``.
+
+    ``op`` applies ``J~`` (whitened, robust-corrected Jacobian w.r.t. the tangent) by products only;
+    ``residual: (m,)`` is ``r~``, so the GN model is ``1/2 ||r~ + J~ delta||^2`` and the gradient of
+    the cost is ``J~^T r~``.
+    """
+
+    op: JacobianOperator
+    residual: Tensor
+    evaluation: Evaluation
+
+
+@dataclass
+class PreconditionerInfo:
+    """What a preconditioner factory gets at each linearization point.
+
+    ``jtj_diag: (n,)`` estimate of ``diag(J~^T J~)`` (exact or Hutchinson); ``damping: (n,)`` the diagonal
+    the solver adds to ``J~^T J~`` (``lambda D^2`` for LM, zeros for GN).  ``layout.split`` gives per-
+    parameter views of a tangent vector.
+    """
+
+    x: dict[str, Tensor]
+    ctx: Any
+    layout: ParamLayout
+    jtj_diag: Tensor
+    damping: Tensor
+
+
+PreconditionerFactory = Callable[[PreconditionerInfo], "Callable[[Tensor], Tensor] | None"]
+"""``factory(info) -> apply`` where ``apply(v: (n,)) -> M^-1 v`` approximates ``(J~^T J~ + damping)^-1 v``;
+returning ``None`` falls back to the Jacobi preconditioner."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Problem
+# ----------------------------------------------------------------------------------------------------------
+class Problem:
+    """A least-squares problem: residual function, manifolds, block weights, robust losses, hooks.
+
+    ``residuals(x, ctx)`` takes the parameter dict and the result of ``prepare(x)`` (``None`` when no
+    ``prepare`` hook) and returns a tensor (one block named ``"residual"``) or a dict of named blocks of
+    any shapes.  It must be traceable by ``torch.func`` in the parameters: anything data-dependent
+    (integer index lists, sizes) belongs in ``prepare``, which runs under ``torch.no_grad`` once per
+    linearization point and once per trial point.
+    """
+
+    def __init__(
+        self,
+        residuals: ResidualFn,
+        *,
+        prepare: Callable[[dict[str, Tensor]], Any] | None = None,
+        manifolds: dict[str, Manifold] | None = None,
+        weights: dict[str, float] | None = None,
+        losses: dict[str, RobustLoss] | None = None,
+        preconditioner: PreconditionerFactory | None = None,
+    ) -> None:
+        if not callable(residuals):
+            raise TypeError("Problem: residuals must be callable")
+        self.residuals = residuals
+        self.prepare = prepare
+        self.manifolds = dict(manifolds or {})
+        self.weights = {k: float(v) for k, v in (weights or {}).items()}
+        for k, w in self.weights.items():
+            if not (w >= 0 and math.isfinite(w)):
+                raise ValueError(f"Problem: weight of block '{k}' must be finite and >= 0, got {w}")
+        self.losses = dict(losses or {})
+        self.preconditioner = preconditioner
+        self.counters = Counters()
+        self._use_linearize = True  # flipped to False (once) if torch.func.linearize cannot trace
+        self.linearize_error: str | None = None
+
+    # ------------------------------------------------------------------ layout
+    def layout(self, x: dict[str, Tensor]) -> ParamLayout:
+        """Tangent layout of ``x`` (parameters in the dict's order); checks one dtype and device."""
+        if not isinstance(x, dict) or not x:
+            raise ValueError("Problem: parameters must be a non-empty dict of tensors")
+        unknown = set(self.manifolds) - set(x)
+        if unknown:
+            raise ValueError(f"Problem: manifolds given for unknown parameters {sorted(unknown)}")
+        first = next(iter(x.values()))
+        names, shapes, sizes, mans = [], [], [], []
+        for name, t in x.items():
+            if not isinstance(t, Tensor):
+                raise ValueError(f"Problem: parameter '{name}' is not a tensor")
+            if not t.is_floating_point():
+                raise ValueError(f"Problem: parameter '{name}' must be floating point, got {t.dtype}")
+            if t.dtype != first.dtype or t.device != first.device:
+                raise ValueError(
+                    f"Problem: parameter '{name}' has {t.dtype} on {t.device}; all parameters must share "
+                    f"{first.dtype} on {first.device}"
+                )
+            man = self.manifolds.get(name, Euclidean())
+            names.append(name)
+            shapes.append(t.shape)
+            sizes.append(man.tangent_numel(t))
+            mans.append(man)
+        return ParamLayout(tuple(names), tuple(shapes), tuple(sizes), tuple(mans), first.dtype, first.device)
+
+    # ------------------------------------------------------------------ evaluation
+    def prepare_context(self, x: dict[str, Tensor]) -> Any:
+        """Run the ``prepare`` hook without gradients (``None`` when there is none)."""
+        if self.prepare is None:
+            return None
+        with torch.no_grad():
+            return self.prepare({k: v.detach() for k, v in x.items()})
+
+    def residual_blocks(self, x: dict[str, Tensor], ctx: Any = None) -> dict[str, Tensor]:
+        """Call the user's residual function; always returns a dict of blocks."""
+        out = self.residuals(x, ctx)
+        if isinstance(out, Tensor):
+            return {"residual": out}
+        if not isinstance(out, dict) or not out:
+            raise ValueError("Problem: residuals() must return a tensor or a non-empty dict of tensors")
+        for name in self.weights:
+            if name not in out:
+                raise ValueError(f"Problem: weight given for unknown residual block '{name}'")
+        for name in self.losses:
+            if name not in out:
+                raise ValueError(f"Problem: loss given for unknown residual block '{name}'")
+        return out
+
+    def _flat(self, blocks: dict[str, Tensor]) -> Tensor:
+        return torch.cat([b.reshape(-1) for b in blocks.values()])
+
+    def _block_vectors(self, blocks: dict[str, Tensor]) -> list[tuple[str, int]]:
+        return [(name, b.numel()) for name, b in blocks.items()]
+
+    def _cost_terms(self, blocks: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-block ``1/2 w_b sum rho_b(r^2)`` as differentiable 0-d tensors."""
+        out = {}
+        for name, r in blocks.items():
+            w = self.weights.get(name, 1.0)
+            loss = self.losses.get(name)
+            s = r.reshape(-1) * r.reshape(-1)
+            rho = s if loss is None else loss.evaluate(s)[0]
+            out[name] = 0.5 * w * rho.sum()
+        return out
+
+    def evaluate(self, x: dict[str, Tensor], ctx: Any = None) -> Evaluation:
+        """Cost and per-block costs at ``x`` without gradients (counts one residual evaluation)."""
+        with torch.no_grad():
+            blocks = self.residual_blocks(x, ctx)
+            self.counters.residual_evals += 1
+            terms = {k: float(v) for k, v in self._cost_terms(blocks).items()}
+        return Evaluation(sum(terms.values()), terms)
+
+    def cost(self, x: dict[str, Tensor], ctx: Any = None) -> tuple[Tensor, dict[str, float]]:
+        """Differentiable scalar cost at ``x`` and its per-block values (for first-order solvers)."""
+        blocks = self.residual_blocks(x, ctx)
+        self.counters.residual_evals += 1
+        terms = self._cost_terms(blocks)
+        total = sum(terms.values())
+        return total, {k: float(v.detach()) for k, v in terms.items()}
+
+    # ------------------------------------------------------------------ linearization
+    def linearize(
+        self, x: dict[str, Tensor], ctx: Any = None, *, use_linearize: bool = True
+    ) -> Linearization:
+        """Build the Jacobian operator of the whitened residuals at ``x`` (tangent ``delta = 0``).
+
+        ``fn(delta) = r(x (+) delta, ctx)`` is traced once by ``torch.func.linearize`` (JVPs) and once by
+        ``torch.func.vjp`` (VJPs); the per-residual weights and Triggs scalings are constants at ``x``.
+        ``use_linearize=False`` makes JVPs plain ``torch.func.jvp`` calls (better for a handful of products).
+        """
+        layout = self.layout(x)
+        x = {k: v.detach() for k, v in x.items()}
+        euclid = all(isinstance(m, Euclidean) for m in layout.manifolds)
+        names: list[tuple[str, int]] = []
+
+        def fn(delta: Tensor) -> Tensor:
+            if euclid:  # cheap path: no per-parameter manifold dispatch
+                xd, start = {}, 0
+                for name, size in zip(layout.names, layout.sizes, strict=True):
+                    xd[name] = x[name] + delta[start : start + size].reshape(x[name].shape)
+                    start += size
+            else:
+                xd = layout.retract(x, delta)
+            blocks = self.residual_blocks(xd, ctx)
+            if not names:
+                names.extend(self._block_vectors(blocks))
+            return self._flat(blocks)
+
+        op = JacobianOperator(fn, layout.zeros(), counters=self.counters,
+                              use_linearize=self._use_linearize and use_linearize)
+        raw = op.value
+        res_scale, jac_scale, terms = [], [], {}
+        start = 0
+        for name, size in names:
+            r = raw[start : start + size]
+            start += size
+            w = self.weights.get(name, 1.0)
+            sw = math.sqrt(w)
+            loss = self.losses.get(name)
+            if loss is None:
+                rho = r * r
+                rs = js = torch.full_like(r, sw)
+            else:
+                rho, rs, js = triggs_scales(r, loss)
+                rs, js = rs * sw, js * sw
+            terms[name] = float(0.5 * w * rho.sum())
+            res_scale.append(rs)
+            jac_scale.append(js)
+        all_unit = all(self.weights.get(n, 1.0) == 1.0 and n not in self.losses for n, _ in names)
+        if not all_unit:
+            op.row_scale = torch.cat(jac_scale)
+            residual = torch.cat(res_scale) * raw
+        else:
+            residual = raw
+        op.on_linearize_failure = self._remember_linearize_failure
+        return Linearization(op, residual, Evaluation(sum(terms.values()), terms))
+
+    def _remember_linearize_failure(self, err: BaseException) -> None:
+        self._use_linearize = False
+        self.linearize_error = f"{type(err).__name__}: {err}"
+
+    def make_preconditioner(self, info: PreconditionerInfo) -> Callable[[Tensor], Tensor] | None:
+        """Call the user's preconditioner factory, if any."""
+        return None if self.preconditioner is None else self.preconditioner(info)
+
