@@ -1,0 +1,188 @@
+"""Scene tensors -> images: soft silhouette, depth and shaded color, batched over views.
+
+Rendering is split in two so that a solver can linearize it once and apply many products:
+
+* ``prepare(verts, faces, camera, settings)`` finds the (face, pixel) pairs: integer work without
+  gradients that depends on the current geometry (call it again whenever vertices or cameras move);
+* ``render(verts, faces, camera, pairs, settings, ...)`` is smooth given the pairs, so
+  ``torch.func.jvp``, ``torch.func.linearize``, ``torch.func.vjp`` and ``.backward()`` all work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .camera import Camera
+from .mesh import Mesh, vertex_normals
+from .raster.coverage import Pairs, find_pairs
+from .raster.geometry import face_table
+from .raster.shading import Lights, Material, shade
+from .raster.soft import blend, coverage_logits, perspective_barycentrics, silhouette
+from .raster.texture import sample_bilinear
+
+OUTPUTS = ("alpha", "depth", "rgb")
+
+
+@dataclass
+class RenderSettings:
+    """Soft rasterizer options; σ, γ and ε have their SoftRas / PyTorch3D meaning and defaults.
+
+    sigma: sharpness of the coverage sigmoid (NDC² units); gamma: depth softmax temperature;
+    eps: coverage below which a face is ignored (sets the cutoff radius); margin_px: extra pixels of
+    pairs kept beyond the cutoff so that small steps do not need new pairs; background: RGB behind
+    the mesh; cull_backfaces: ignore faces wound clockwise on screen.
+    """
+
+    sigma: float = 1e-4
+    gamma: float = 1e-4
+    eps: float = 1e-4
+    margin_px: float = 0.0
+    background: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    cull_backfaces: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("sigma", "gamma", "eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"RenderSettings.{name} must be positive, got {getattr(self, name)}")
+        if not self.eps < 0.5:
+            raise ValueError(f"RenderSettings.eps must be < 0.5, got {self.eps}")
+        if len(self.background) != 3:
+            raise ValueError(f"RenderSettings.background must be RGB, got {self.background}")
+
+    def ndc_per_px(self, height: int, width: int) -> float:
+        return 2.0 / min(height, width)
+
+    def radius_px(self, height: int, width: int) -> float:
+        """Cutoff radius in pixels: D < eps  <=>  d² > σ ln(1/eps - 1), plus the margin."""
+        d = math.sqrt(self.sigma * math.log(1 / self.eps - 1)) / self.ndc_per_px(height, width)
+        return d + self.margin_px
+
+
+def _check_geometry(verts: Tensor, faces: Tensor) -> None:
+    if verts.dim() != 2 or verts.shape[-1] != 3 or verts.shape[0] == 0:
+        raise ValueError(f"verts: expected shape (V, 3) with V > 0, got {tuple(verts.shape)}")
+    if not torch.is_floating_point(verts):
+        raise ValueError(f"verts: expected a floating dtype, got {verts.dtype}")
+    if faces.dim() != 2 or faces.shape[-1] != 3 or faces.shape[0] == 0:
+        raise ValueError(f"faces: expected shape (F, 3) with F > 0, got {tuple(faces.shape)}")
+    if faces.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"faces: expected an integer dtype, got {faces.dtype}")
+
+
+def prepare(verts: Tensor, faces: Tensor, camera: Camera, settings: RenderSettings) -> Pairs:
+    """The (face, pixel) pairs for the current geometry; no gradients flow through this.
+
+    verts: (V, 3) world positions; faces: (F, 3). Raises ValueError on bad shapes, non-finite
+    vertices or out-of-range face indices.
+    """
+    _check_geometry(verts, faces)
+    with torch.no_grad():
+        if not torch.isfinite(verts).all():
+            raise ValueError("verts: contains NaN or inf")
+        lo, hi = int(faces.min()), int(faces.max())
+        if lo < 0 or hi >= verts.shape[0]:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"faces: index {bad} out of range for {verts.shape[0]} vertices")
+        xy, z = camera.project(verts.detach())
+    return find_pairs(xy, z, faces.long(), camera.height, camera.width,
+                      settings.radius_px(camera.height, camera.width), camera.near,
+                      settings.cull_backfaces)
+
+
+def _interpolate(values: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+    """Σ_k weights[:, k] values[index[:, k]]: (P, C) from values (V, C), index (P, 3), weights (P, 3)."""
+    gathered = values.index_select(0, index.reshape(-1)).reshape(*index.shape, values.shape[-1])
+    return (weights.unsqueeze(-1) * gathered).sum(1)
+
+
+def render(verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs, settings: RenderSettings, *,
+           colors: Tensor | None = None, uvs: Tensor | None = None, uv_faces: Tensor | None = None,
+           texture: Tensor | None = None, lights: Lights | None = None,
+           material: Material | None = None, outputs: tuple[str, ...] | None = None) -> dict[str, Tensor]:
+    """Render soft images of a mesh from N views, given pairs from ``prepare``.
+
+    verts: (V, 3); faces: (F, 3); colors: (V, 3) per-vertex albedo, or uvs (T, 2) + uv_faces (F, 3) +
+    texture (Ht, Wt, C) for a UV-mapped albedo; lights: shading (unlit albedo when None).
+    Returns "alpha" (N, H, W) soft silhouette, "depth" (N, H, W) blended camera depth (0 where no
+    face is near), and "rgb" (N, H, W, 3) color composited over the background with α.
+    ``outputs`` picks a subset (default: all that the inputs allow); asking only for "alpha" skips
+    depth and shading work.
+    """
+    _check_geometry(verts, faces)
+    n, h, w = camera.num_views, camera.height, camera.width
+    if (pairs.num_views, pairs.height, pairs.width) != (n, h, w):
+        raise ValueError(f"pairs were computed for {pairs.num_views} views of {pairs.height}x{pairs.width}, "
+                         f"camera has {n} views of {h}x{w}: call prepare() again")
+    has_albedo = colors is not None or texture is not None
+    if outputs is None:
+        outputs = ("alpha", "depth", "rgb") if has_albedo else ("alpha", "depth")
+    unknown = set(outputs) - set(OUTPUTS)
+    if unknown:
+        raise ValueError(f"outputs: unknown {sorted(unknown)}, choose from {OUTPUTS}")
+    if "rgb" in outputs and not has_albedo:
+        raise ValueError("outputs: 'rgb' needs colors (V, 3) or uvs + uv_faces + texture")
+    if colors is not None and tuple(colors.shape) != (verts.shape[0], 3):
+        raise ValueError(f"colors: expected shape ({verts.shape[0]}, 3), got {tuple(colors.shape)}")
+    if texture is not None and (uvs is None or uv_faces is None):
+        raise ValueError("texture needs uvs (T, 2) and uv_faces (F, 3)")
+
+    num_pixels = n * h * w
+    xy, z = camera.project(verts)
+    table, _ = face_table(xy, z, faces.long())
+    shaded = "depth" in outputs or "rgb" in outputs
+    rows = table.gather(pairs.view_face, with_depth=shaded)
+    bary, logits = coverage_logits(rows, pairs.px, pairs.py, settings.ndc_per_px(h, w), settings.sigma,
+                                   with_barycentrics=shaded)
+    result: dict[str, Tensor] = {}
+    alpha = silhouette(logits, pairs.pixel, num_pixels)
+    if "alpha" in outputs:
+        result["alpha"] = alpha.reshape(n, h, w)
+    if not shaded:
+        return result
+
+    bary_pc, depth = perspective_barycentrics(bary, rows.z)
+    features = [depth.unsqueeze(-1)]
+    if "rgb" in outputs:
+        features.append(_albedo_shaded(verts, faces, camera, pairs, bary_pc, colors, uvs, uv_faces, texture,
+                                       lights, material))
+    blended = blend(torch.cat(features, -1), logits, depth, pairs.pixel, num_pixels, camera.near, camera.far,
+                    settings.gamma)
+    if "depth" in outputs:
+        result["depth"] = blended[:, 0].reshape(n, h, w)
+    if "rgb" in outputs:
+        bg = torch.as_tensor(settings.background, dtype=blended.dtype, device=blended.device)
+        a = alpha.unsqueeze(-1)
+        result["rgb"] = (a * blended[:, 1:4] + (1 - a) * bg).reshape(n, h, w, 3)
+    return result
+
+
+def _albedo_shaded(verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs, bary_pc: Tensor,
+                   colors: Tensor | None, uvs: Tensor | None, uv_faces: Tensor | None,
+                   texture: Tensor | None, lights: Lights | None, material: Material | None) -> Tensor:
+    """Per-pair color (P, 3): interpolated albedo, shaded with per-pixel normals when lights are given."""
+    if texture is not None:
+        uv = _interpolate(uvs, uv_faces.long().index_select(0, pairs.face), bary_pc)
+        albedo = sample_bilinear(texture, uv)[:, :3]
+    else:
+        albedo = _interpolate(colors, pairs.verts, bary_pc)
+    if lights is None:
+        return albedo
+    normals = vertex_normals(verts, faces.long())
+    attrs = _interpolate(torch.cat([verts, normals], -1), pairs.verts, bary_pc)
+    eye = camera.centers.index_select(0, torch.div(pairs.view_face, faces.shape[0], rounding_mode="floor"))
+    return shade(albedo, attrs[:, :3], attrs[:, 3:], eye, lights, material or Material())
+
+
+def render_mesh(mesh: Mesh, camera: Camera, settings: RenderSettings | None = None, *,
+                lights: Lights | None = None, material: Material | None = None,
+                outputs: tuple[str, ...] | None = None) -> dict[str, Tensor]:
+    """Convenience: ``prepare`` then ``render`` for a Mesh with its own colors or texture."""
+    settings = settings or RenderSettings()
+    pairs = prepare(mesh.verts, mesh.faces, camera, settings)
+    return render(mesh.verts, mesh.faces, camera, pairs, settings, colors=mesh.colors, uvs=mesh.uvs,
+                  uv_faces=mesh.uv_faces, texture=mesh.texture, lights=lights, material=material,
+                  outputs=outputs)
