@@ -86,7 +86,7 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
 
     keep_vf, keep_pix, keep_px, keep_py = [], [], [], []
     hw = height * width
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         cnt = counts[lo:hi]
         local_vf = torch.repeat_interleave(torch.arange(lo, hi, device=xy.device), cnt)
         first = torch.cumsum(cnt, 0) - cnt
