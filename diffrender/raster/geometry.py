@@ -66,7 +66,7 @@ def edge_functions(rows: FaceTable, px: Tensor, py: Tensor) -> tuple[Tensor, Ten
 
 def barycentrics(edge: Tensor, rows: FaceTable) -> Tensor:
     """Screen barycentrics (P, 3): the weight of the vertex opposite edge k is E_k / (2·area)."""
-    return edge.roll(1, dims=-1) * rows.inv_area.unsqueeze(-1)
+    return edge.roll(-1, dims=-1) * rows.inv_area.unsqueeze(-1)  # l_j = E_{j+1} / A
 
 
 def inside(edge: Tensor, rows: FaceTable) -> Tensor:
