@@ -477,24 +477,39 @@ def icosphere(
     )  # fmt: skip
     verts = verts / verts.norm(dim=1, keepdim=True)
     for _ in range(level):
-        # One midpoint per undirected edge: unique sorted edges, `inverse` maps each face edge to it.
-        e = torch.stack([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], dim=1)  # (F, 3, 2)
-        uniq, inverse = torch.unique(e.sort(dim=-1).values.reshape(-1, 2), dim=0, return_inverse=True)
-        mid = verts[uniq].mean(dim=1)
-        mid = mid / mid.norm(dim=1, keepdim=True)
-        m = inverse.reshape(-1, 3) + verts.shape[0]  # m[:, 0] on edge ab, m[:, 1] on bc, m[:, 2] on ca
-        a, b, c = faces.unbind(1)
-        m01, m12, m20 = m.unbind(1)
-        faces = torch.cat(
-            [
-                torch.stack([a, m01, m20], 1),
-                torch.stack([b, m12, m01], 1),
-                torch.stack([c, m20, m12], 1),
-                torch.stack([m01, m12, m20], 1),
-            ]
-        )
-        verts = torch.cat([verts, mid])
+        faces, verts = _split_faces(verts, faces)
+        verts = verts / verts.norm(dim=1, keepdim=True)
     return Mesh(verts.to(device=device, dtype=dtype), faces.to(device))
+
+
+def _split_faces(verts: Tensor, faces: Tensor, *attrs: Tensor) -> tuple[Tensor, ...]:
+    """4-to-1 midpoint split: new vertices (V + E, 3) (and per-vertex attrs) appended, faces (4F, 3).
+
+    One midpoint per undirected edge (unique sorted edges; ``inverse`` maps each face edge to it), so
+    neighbouring faces share their new vertices and the mesh stays watertight.
+    """
+    e = torch.stack([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], dim=1)  # (F, 3, 2)
+    uniq, inverse = torch.unique(e.sort(dim=-1).values.reshape(-1, 2), dim=0, return_inverse=True)
+    m = inverse.reshape(-1, 3) + verts.shape[0]  # m[:, 0] on edge ab, m[:, 1] on bc, m[:, 2] on ca
+    a, b, c = faces.unbind(1)
+    m01, m12, m20 = m.unbind(1)
+    new_faces = torch.cat([
+        torch.stack([a, m01, m20], 1),
+        torch.stack([b, m12, m01], 1),
+        torch.stack([c, m20, m12], 1),
+        torch.stack([m01, m12, m20], 1),
+    ])
+    return (new_faces, *(torch.cat([x, x[uniq].mean(dim=1)]) for x in (verts, *attrs)))
+
+
+def subdivide(mesh: Mesh) -> Mesh:
+    """Midpoint 4-to-1 subdivision (same surface, 4x the faces); per-vertex colors are interpolated.
+
+    UV coordinates and the texture are not carried over.
+    """
+    extra = (mesh.colors,) if mesh.colors is not None else ()
+    faces, verts, *colors = _split_faces(mesh.verts, mesh.faces, *extra)
+    return Mesh(verts, faces, colors=colors[0] if colors else None)
 
 
 def normalize(mesh: Mesh) -> Mesh:

@@ -466,3 +466,26 @@ def test_mesh_construction_inside_torch_func_transforms():
     assert torch.allclose(jfn(u), expected, atol=1e-12)
     batched = torch.func.vmap(fn)(torch.stack([s.verts, 2 * s.verts]))
     assert torch.allclose(batched[1], fn(2 * s.verts), atol=1e-12)
+
+
+def test_subdivide_keeps_surface_and_counts():
+    from diffrender.mesh import subdivide
+
+    tet = Mesh(torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]),
+               torch.tensor([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]]), colors=torch.eye(4, 3))
+    sub = subdivide(tet)
+    n_edges = edges(tet.faces).shape[0]
+    assert sub.verts.shape[0] == 4 + n_edges and sub.faces.shape[0] == 16
+    assert edges(sub.faces).shape[0] == 2 * n_edges + 3 * 4  # closed: every edge in two faces
+    # The new vertices are the edge midpoints (and their colors the endpoint averages).
+    e = edges(tet.faces)
+    mids = (tet.verts[e[:, 0]] + tet.verts[e[:, 1]]) / 2
+    assert torch.allclose(torch.sort(sub.verts[4:], dim=0).values, torch.sort(mids, dim=0).values)
+    # Total area and orientation (signed volume) are unchanged for a flat-faced mesh.
+    def volume(m):
+        a, b, c = m.verts[m.faces].unbind(1)
+        return (a * torch.linalg.cross(b, c)).sum() / 6
+
+    assert torch.allclose(volume(sub), volume(tet))
+    assert torch.allclose(face_normals(sub.verts, sub.faces).norm(dim=1).sum(),
+                          face_normals(tet.verts, tet.faces).norm(dim=1).sum())
