@@ -306,7 +306,7 @@ class Problem:
         """Call the user's residual function; always returns a dict of blocks."""
         out = self.residuals(x, ctx)
         if isinstance(out, Tensor):
-            return {"residual": out}
+            out = {"residual": out}
         if not isinstance(out, dict) or not out:
             raise ValueError("Problem: residuals() must return a tensor or a non-empty dict of tensors")
         for name in self.weights:

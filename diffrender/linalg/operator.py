@@ -87,9 +87,11 @@ class JacobianOperator:
     def _raw_jvp(self, u: Tensor) -> Tensor:
         if self._jvp_fn is None and self.use_linearize:
             try:
-                with warnings.catch_warnings():  # torch.fx const-folding chatter, harmless
+                with warnings.catch_warnings():  # torch.fx const-folding chatter; checked below instead
                     warnings.simplefilter("ignore", UserWarning)
-                    _, self._jvp_fn = torch.func.linearize(self.fn, self.x0)
+                    _, jvp_fn = torch.func.linearize(self.fn, self.x0)
+                self._check_linearized(jvp_fn)
+                self._jvp_fn = jvp_fn
             except Exception as err:  # noqa: BLE001 - any tracing failure: fall back to plain jvp
                 self.use_linearize = False
                 self.linearize_error = err
@@ -98,6 +100,22 @@ class JacobianOperator:
         if self._jvp_fn is not None:
             return self._jvp_fn(u)
         return torch.func.jvp(self.fn, (self.x0,), (u,))[1]
+
+    def _check_linearized(self, jvp_fn: Callable[[Tensor], Tensor]) -> None:
+        """Compare one linearized product with ``torch.func.jvp`` on a fixed pseudo-random direction.
+
+        torch 2.13's ``linearize`` can return silently wrong products: its constant folding mixes up
+        constants (e.g. axis-angle -> So3 -> log -> ``axis_angle_to_rotation_matrix`` chains, the
+        ``AxisAngleSO3`` manifold feeding a camera pose).  One check per linearization costs two products.
+        """
+        gen = torch.Generator().manual_seed(12345)
+        u = torch.randn(self.n, generator=gen).to(device=self.x0.device, dtype=self.x0.dtype)
+        a = jvp_fn(u)
+        b = torch.func.jvp(self.fn, (self.x0,), (u,))[1]
+        tol = torch.finfo(self.x0.dtype).eps ** 0.5
+        err = float(torch.linalg.vector_norm(a - b)) / max(float(torch.linalg.vector_norm(b)), 1e-300)
+        if not err <= tol:
+            raise RuntimeError(f"torch.func.linearize disagrees with torch.func.jvp (relative error {err:.2e})")
 
     def jvp(self, u: Tensor) -> Tensor:
         """``J~ u``: ``u: (n,) -> (m,)``."""
