@@ -19,7 +19,7 @@ from torch import Tensor
 from .camera import Camera
 from .mesh import Mesh, vertex_normals
 from .raster.coverage import Pairs, find_pairs
-from .raster.geometry import face_table
+from .raster.geometry import Triangles, face_table
 from .raster.shading import Lights, Material, shade
 from .raster.soft import blend, coverage_logits, perspective_barycentrics, silhouette
 from .raster.texture import sample_bilinear
@@ -132,9 +132,8 @@ def render(verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs, settings:
 
     num_pixels = n * h * w
     xy, z = camera.project(verts)
-    table, _ = face_table(xy, z, faces.long())
     shaded = "depth" in outputs or "rgb" in outputs
-    rows = table.gather(pairs.view_face, with_depth=shaded)
+    rows = Triangles.from_table(face_table(xy, z, faces.long())[0].index_select(0, pairs.view_face))
     bary, logits = coverage_logits(rows, pairs.px, pairs.py, settings.ndc_per_px(h, w), settings.sigma,
                                    with_barycentrics=shaded)
     result: dict[str, Tensor] = {}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .geometry import distance2, edge_functions, face_table, inside
+from .geometry import Triangles, distance2, edge_functions, face_table, inside
 
 # Candidates processed at once in the tight test: bounds the temporary memory of pair finding.
 CHUNK = 1 << 21
@@ -62,10 +62,10 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
     n, f = xy.shape[0], faces.shape[0]
     table, area2 = face_table(xy, z, faces)
     tiny = torch.finfo(xy.dtype).tiny ** 0.5
-    valid = (table.z > near).all(-1) & (area2.abs() > tiny) & torch.isfinite(area2)
+    valid = (z[:, faces].reshape(-1, 3) > near).all(-1) & (area2.abs() > tiny) & torch.isfinite(area2)
     if cull_backfaces:
         valid &= front_facing(area2)
-    vx, vy = table.vx, table.vy
+    vx, vy = xy[:, faces, 0].reshape(-1, 3), xy[:, faces, 1].reshape(-1, 3)
     # Pixel column j has its center at j + 0.5: columns within [xmin - r, xmax + r].
     c0 = torch.ceil(vx.amin(-1) - radius - 0.5).clamp(min=0)
     c1 = torch.floor(vx.amax(-1) + radius - 0.5).clamp(max=width - 1)
@@ -96,7 +96,7 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
         g = vf[local_vf]
         px = cols.to(xy.dtype) + 0.5
         py = rows.to(xy.dtype) + 0.5
-        sub = table.gather(g, with_depth=False)
+        sub = Triangles.from_table(table.index_select(0, g))
         edge, dx, dy = edge_functions(sub, px, py)
         keep = inside(edge, sub) | (distance2(sub, dx, dy) <= radius * radius)
         keep_vf.append(g[keep])

@@ -1,87 +1,93 @@
 """Screen-space triangle geometry shared by pair finding and soft coverage.
 
-Per (view, face) a few constants are computed once; per (face, pixel) pair the edge functions and
-the squared distance to the triangle follow from them with elementwise ops on (P, 3) tensors, one
-column per edge. The constants are kept as separate tensors (not one packed table) because the
-backward of slicing a packed table allocates a full-size zero tensor per slice.
+Everything that depends only on the triangle is computed once per (view, face) and packed in one
+contiguous (N*F, 19) table; each (face, pixel) pair gathers its row with a single ``index_select``
+(gathers and their backward scatters dominate the cost, so one wide gather beats several narrow
+ones) and evaluates edge functions and distances with a few elementwise ops on (P, 3) tensors.
+
+Edge k is the edge opposite vertex k: it starts at s_k = v_{k+1} with direction e_k = v_{k+2} - v_{k+1}.
+Then the edge function E_k(p) = cross(e_k, p - s_k) is 2·area·l_k, l_k the barycentric weight of
+vertex k, so barycentrics need no reordering.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+SPLIT = (3, 3, 3, 3, 3, 3, 1)  # sx, sy, ex, ey, inv_len2, z, inv_area
+
 
 @dataclass
-class FaceTable:
-    """Per-(view, face) constants, each (N*F, 3) unless noted; also gathered per pair as (P, 3).
+class Triangles:
+    """Screen-space triangles, one row per (view, face) or per pair.
 
-    vx, vy: vertex pixel coordinates; ex, ey: edge vectors e_k = v_{k+1} - v_k; inv_len2: 1/|e_k|²;
-    z: vertex depths; inv_area: (N*F,) 1/(2·signed area).
+    sx, sy: (·, 3) start of edge k (= vertex k+1); ex, ey: (·, 3) edge vectors; inv_len2: (·, 3)
+    1/|e_k|²; z: (·, 3) depth of vertex k; inv_area: (·, 1) 1/(2·signed area).
     """
 
-    vx: Tensor
-    vy: Tensor
+    sx: Tensor
+    sy: Tensor
     ex: Tensor
     ey: Tensor
     inv_len2: Tensor
     z: Tensor
     inv_area: Tensor
 
-    def gather(self, index: Tensor, with_depth: bool = True) -> FaceTable:
-        """The rows ``index`` (P,) of every field."""
-        return FaceTable(**{f.name: getattr(self, f.name).index_select(0, index)
-                            if with_depth or f.name != "z" else getattr(self, f.name)
-                            for f in fields(self)})
+    @classmethod
+    def from_table(cls, rows: Tensor) -> Triangles:
+        return cls(*rows.split(SPLIT, dim=-1))
 
 
-def face_table(xy: Tensor, z: Tensor, faces: Tensor) -> tuple[FaceTable, Tensor]:
-    """Per-(view, face) constants and twice the signed screen area (N*F,).
+def face_table(xy: Tensor, z: Tensor, faces: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(view, face) constants (N*F, 19) and twice the signed screen area (N*F,).
 
     xy: (N, V, 2) pixel coordinates; z: (N, V) camera depths; faces: (F, 3). Degenerate edges and
-    faces get finite stand-ins (their pairs are culled anyway) so that no inf or NaN reaches values
-    or derivatives of other faces.
+    faces get finite stand-ins (their pairs are culled anyway) so that no inf or NaN reaches values or
+    derivatives of other faces.
     """
     nf = xy.shape[0] * faces.shape[0]
-    tri = xy[:, faces]  # (N, F, 3, 2)
-    vx, vy = tri[..., 0].reshape(nf, 3), tri[..., 1].reshape(nf, 3)
-    ex = vx.roll(-1, dims=-1) - vx
-    ey = vy.roll(-1, dims=-1) - vy
-    len2 = ex * ex + ey * ey
+    tri = xy[:, faces].reshape(nf, 3, 2)
+    start = tri[:, [1, 2, 0]]  # s_k = v_{k+1}
+    edge = tri[:, [2, 0, 1]] - start  # e_k = v_{k+2} - v_{k+1}
+    len2 = (edge * edge).sum(-1)
     tiny = torch.finfo(xy.dtype).tiny ** 0.5
     inv_len2 = 1 / torch.where(len2 > tiny, len2, torch.ones_like(len2))
-    area2 = ex[:, 0] * ey[:, 1] - ey[:, 0] * ex[:, 1]  # cross(e0, e1) = cross(v1 - v0, v2 - v0)
+    # 2·area = cross(v1 - v0, v2 - v0) = cross(e_2, -e_1)
+    area2 = edge[:, 1, 0] * edge[:, 2, 1] - edge[:, 1, 1] * edge[:, 2, 0]
     inv_area = 1 / torch.where(area2.abs() > tiny, area2, torch.ones_like(area2))
-    return FaceTable(vx, vy, ex, ey, inv_len2, z[:, faces].reshape(nf, 3), inv_area), area2
+    table = torch.cat([start[..., 0], start[..., 1], edge[..., 0], edge[..., 1], inv_len2,
+                       z[:, faces].reshape(nf, 3), inv_area.unsqueeze(-1)], dim=-1)
+    return table, area2
 
 
-def edge_functions(rows: FaceTable, px: Tensor, py: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Edge functions E_k = cross(e_k, p - v_k) (P, 3) and offsets p - v_k (dx, dy), each (P, 3)."""
-    dx = px.unsqueeze(-1) - rows.vx
-    dy = py.unsqueeze(-1) - rows.vy
-    return rows.ex * dy - rows.ey * dx, dx, dy
+def edge_functions(tri: Triangles, px: Tensor, py: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Edge functions E_k = cross(e_k, p - s_k) (P, 3) and offsets p - s_k (dx, dy), each (P, 3)."""
+    dx = px.unsqueeze(-1) - tri.sx
+    dy = py.unsqueeze(-1) - tri.sy
+    return tri.ex * dy - tri.ey * dx, dx, dy
 
 
-def barycentrics(edge: Tensor, rows: FaceTable) -> Tensor:
-    """Screen barycentrics (P, 3): the weight of the vertex opposite edge k is E_k / (2·area)."""
-    return edge.roll(-1, dims=-1) * rows.inv_area.unsqueeze(-1)  # l_j = E_{j+1} / A
+def barycentrics(edge: Tensor, tri: Triangles) -> Tensor:
+    """Screen barycentrics (P, 3): l_k = E_k / (2·area)."""
+    return edge * tri.inv_area
 
 
-def inside(edge: Tensor, rows: FaceTable) -> Tensor:
+def inside(edge: Tensor, tri: Triangles) -> Tensor:
     """Whether each pixel center is inside its triangle (P,), for either winding; no gradient."""
-    return ((edge.detach() * rows.inv_area.detach().unsqueeze(-1)) >= 0).all(-1)
+    return ((edge.detach() * tri.inv_area.detach()) >= 0).all(-1)
 
 
-def distance2(rows: FaceTable, dx: Tensor, dy: Tensor) -> Tensor:
+def distance2(tri: Triangles, dx: Tensor, dy: Tensor) -> Tensor:
     """Squared distance (P,) from the pixel center to the triangle's boundary.
 
     The smallest point-to-segment distance over the three edges, with the projection parameter
-    t = ((p - v_k)·e_k / |e_k|²) clamped to [0, 1].
+    t = ((p - s_k)·e_k / |e_k|²) clamped to [0, 1].
     """
-    ex, ey = rows.ex, rows.ey
-    t = ((ex * dx + ey * dy) * rows.inv_len2).clamp(0, 1)
+    ex, ey = tri.ex, tri.ey
+    t = ((ex * dx + ey * dy) * tri.inv_len2).clamp(0, 1)
     rx = dx - t * ex
     ry = dy - t * ey
     d2 = rx * rx + ry * ry

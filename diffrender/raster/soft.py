@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .geometry import FaceTable, barycentrics, distance2, edge_functions, inside
+from .geometry import Triangles, barycentrics, distance2, edge_functions, inside
 
 
-def coverage_logits(rows: FaceTable, px: Tensor, py: Tensor, ndc_per_px: float, sigma: float,
+def coverage_logits(rows: Triangles, px: Tensor, py: Tensor, ndc_per_px: float, sigma: float,
                     with_barycentrics: bool = True) -> tuple[Tensor | None, Tensor]:
     """Screen barycentrics (P, 3) (or None) and coverage logits x = δ d² / σ (P,): D = sigmoid(x)."""
     edge, dx, dy = edge_functions(rows, px, py)
