@@ -1,10 +1,20 @@
 """Preconditioned CG: accuracy on SPD systems, singular and indefinite safeguards, Nash-Sofer truncation."""
 
+import pytest
 import torch
 
 from diffrender.linalg import pcg
 
 D = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: intra-op threads only add contention (10 ms per 4x4 op on a loaded 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _spd(n: int, cond: float, seed: int) -> torch.Tensor:

@@ -13,6 +13,15 @@ from diffrender.solvers import Adam, GaussNewton, IterationRecord, LevenbergMarq
 D = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: intra-op threads only add contention (10 ms per 4x4 op on a loaded 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _linear(seed=0, m=12, n=5):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(m, n, generator=g, dtype=D)
