@@ -1,7 +1,6 @@
 """Lights and materials: ambient, directional and point lights; Lambert diffuse, Blinn-Phong specular.
 
-Shading is evaluated per (face, pixel) pair from interpolated world positions and normals, before
-the soft blend, as PyTorch3D's Phong shader does per fragment.
+Shading is evaluated per pixel from blended world positions, normals and albedo (deferred shading).
 """
 
 from __future__ import annotations
@@ -62,38 +61,34 @@ class Material:
 
 def _normalize(v: Tensor, eps: float = 1e-12) -> Tensor:
     # rsqrt(|v|^2 + eps) keeps values and derivatives finite for zero vectors.
-    return v * torch.rsqrt((v * v).sum(-1, keepdim=True) + eps)
+    return v * torch.rsqrt(_dot(v, v) + eps)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Dot product over the last axis (size 3), keeping it: three products beat a size-3 reduction."""
+    p = a * b
+    return p[..., 0:1] + p[..., 1:2] + p[..., 2:3]
 
 
 def shade(albedo: Tensor, points: Tensor, normals: Tensor, eye: Tensor, lights: Lights,
           material: Material) -> Tensor:
-    """Shaded color (P, 3) of surface points.
+    """Shaded color (..., 3) of surface points.
 
-    albedo: (P, 3) diffuse color; points: (P, 3) world positions; normals: (P, 3) (normalized here);
-    eye: (P, 3) camera center of each point's view. Color = albedo * (ambient + Σ diffuse) + Σ specular,
-    diffuse = c_l max(0, n·l), specular = k_s c_l max(0, n·h)^s with h = normalize(l + v)
-    (Blinn 1977).
+    albedo: (..., 3) diffuse color; points: (..., 3) world positions; normals: (..., 3) (normalized
+    here); eye: camera centers, broadcastable to points. Color = albedo * (ambient + Σ diffuse) +
+    Σ specular, with diffuse = c_l max(0, n·l) and specular = k_s c_l max(0, n·h)^s,
+    h = normalize(l + v) (Blinn 1977).
     """
     n = _normalize(normals)
     v = _normalize(eye - points)
-    light_dirs = []
-    light_colors = []
-    if lights.directional_dirs.shape[0]:
-        d = _normalize(-lights.directional_dirs)  # toward the light
-        light_dirs.append(d.unsqueeze(0).expand(points.shape[0], -1, -1))
-        light_colors.append(lights.directional_colors)
-    if lights.point_positions.shape[0]:
-        light_dirs.append(_normalize(lights.point_positions.unsqueeze(0) - points.unsqueeze(1)))
-        light_colors.append(lights.point_colors)
-    diffuse = lights.ambient.expand_as(albedo)
-    if not light_dirs:
-        return albedo * diffuse
-    l_dir = torch.cat(light_dirs, dim=1)  # (P, L, 3)
-    l_col = torch.cat(light_colors, dim=0)  # (L, 3)
-    cos = (n.unsqueeze(1) * l_dir).sum(-1).clamp(min=0)  # (P, L)
-    color = albedo * (diffuse + cos @ l_col)
-    if material.specular > 0:
-        h = _normalize(l_dir + v.unsqueeze(1))
-        spec = (n.unsqueeze(1) * h).sum(-1).clamp(min=0) ** material.shininess
-        color = color + material.specular * (spec @ l_col)
+    color = albedo * lights.ambient
+    directions = [(-d).expand_as(points) for d in lights.directional_dirs.unbind(0)]
+    directions += [q - points for q in lights.point_positions.unbind(0)]
+    light_colors = [*lights.directional_colors.unbind(0), *lights.point_colors.unbind(0)]
+    for d, c in zip(directions, light_colors, strict=True):
+        l_dir = _normalize(d)
+        color = color + albedo * c * _dot(n, l_dir).clamp(min=0)
+        if material.specular > 0:
+            h = _normalize(l_dir + v)
+            color = color + material.specular * c * _dot(n, h).clamp(min=0) ** material.shininess
     return color
