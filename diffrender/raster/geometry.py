@@ -83,11 +83,14 @@ def inside(edge: Tensor, tri: Triangles) -> Tensor:
 def distance2(tri: Triangles, dx: Tensor, dy: Tensor) -> Tensor:
     """Squared distance (P,) from the pixel center to the triangle's boundary.
 
-    The smallest point-to-segment distance over the three edges, with the projection parameter
-    t = ((p - s_k)·e_k / |e_k|²) clamped to [0, 1].
+    The smallest point-to-segment distance over the three edges, |d - t e|² with d = p - s_k and the
+    projection parameter t = clamp(d·e / |e|², 0, 1). t is computed without gradient: by Danskin's
+    theorem the derivative of min_t |d - t e|² is the partial derivative at the optimal t (interior t
+    makes ∂/∂t vanish, a clamped t is locally constant), so the result is exact in both AD modes.
     """
     ex, ey = tri.ex, tri.ey
-    t = ((ex * dx + ey * dy) * tri.inv_len2).clamp(0, 1)
+    exd, eyd = ex.detach(), ey.detach()  # detach (not no_grad) also drops forward-mode tangents
+    t = ((exd * dx.detach() + eyd * dy.detach()) * tri.inv_len2.detach()).clamp_(0, 1)
     rx = dx - t * ex
     ry = dy - t * ey
     d2 = rx * rx + ry * ry
