@@ -139,7 +139,7 @@ def render(verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs, settings:
     num_pixels = n * h * w
     xy, z = camera.project(verts)
     shaded = "depth" in outputs or "rgb" in outputs
-    rows = Triangles.from_table(face_table(xy, z, faces.long())[0].index_select(0, pairs.view_face))
+    rows = Triangles.gather(face_table(xy, z, faces.long())[0], pairs.view_face, with_depth=shaded)
     bary, logits = coverage_logits(rows, pairs.px, pairs.py, settings.ndc_per_px(h, w), settings.sigma,
                                    with_barycentrics=shaded)
     result: dict[str, Tensor] = {}

@@ -96,7 +96,7 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
         g = vf[local_vf]
         px = cols.to(xy.dtype) + 0.5
         py = rows.to(xy.dtype) + 0.5
-        sub = Triangles.from_table(table.index_select(0, g))
+        sub = Triangles.gather(table, g, with_depth=False)
         edge, dx, dy = edge_functions(sub, px, py)
         keep = inside(edge, sub) | (distance2(sub, dx, dy) <= radius * radius)
         keep_vf.append(g[keep])

@@ -17,15 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-SPLIT = (3, 3, 3, 3, 3, 3, 1)  # sx, sy, ex, ey, inv_len2, z, inv_area
-
 
 @dataclass
 class Triangles:
     """Screen-space triangles, one row per (view, face) or per pair.
 
     sx, sy: (·, 3) start of edge k (= vertex k+1); ex, ey: (·, 3) edge vectors; inv_len2: (·, 3)
-    1/|e_k|²; z: (·, 3) depth of vertex k; inv_area: (·, 1) 1/(2·signed area).
+    1/|e_k|² (no gradient: see ``distance2``); z: (·, 3) depth of vertex k; inv_area: (·, 1) 1/(2·signed area).
     """
 
     sx: Tensor
@@ -33,12 +31,23 @@ class Triangles:
     ex: Tensor
     ey: Tensor
     inv_len2: Tensor
-    z: Tensor
+    z: Tensor | None
     inv_area: Tensor
 
     @classmethod
-    def from_table(cls, rows: Tensor) -> Triangles:
-        return cls(*rows.split(SPLIT, dim=-1))
+    def gather(cls, table: Tensor, index: Tensor, with_depth: bool = True) -> Triangles:
+        """The rows ``index`` (P,) of a (·, 19) table from ``face_table``.
+
+        Columns that need no derivative are gathered detached, and depth and area only when asked
+        for: the backward of a gather and of the column split costs in proportion to its width.
+        """
+        geo = table[:, :12].index_select(0, index).split(3, dim=-1)
+        inv_len2 = table[:, 12:15].detach().index_select(0, index)
+        if with_depth:
+            z, inv_area = table[:, 15:].index_select(0, index).split([3, 1], dim=-1)
+        else:
+            z, inv_area = None, table[:, 18:].detach().index_select(0, index)
+        return cls(*geo, inv_len2, z, inv_area)
 
 
 def face_table(xy: Tensor, z: Tensor, faces: Tensor) -> tuple[Tensor, Tensor]:
