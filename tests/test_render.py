@@ -374,3 +374,38 @@ def test_float32_default_and_look_at_pose_derivative_is_nonzero():
     y, ju = torch.func.jvp(f, (eye,), (torch.tensor([[1.0, 0.0, 0.0]]),))
     assert y.dtype == torch.float32 and ju.dtype == torch.float32
     assert ju.abs().sum() > 0 and torch.isfinite(ju).all()
+
+
+# ---------------------------------------------------------------- the pair list is complete and exact
+
+
+def test_pairs_equal_brute_force_enumeration(monkeypatch):
+    import diffrender.raster.coverage as coverage
+
+    mesh = normalize(load_obj("assets/bunny_1k.obj", dtype=D))
+    cam = camera_from_look_at(torch.tensor([[0.3, 0.5, 2.2], [-1.8, 0.2, 1.0]], dtype=D), fov_deg=50,
+                              height=30, width=36)
+    settings = RenderSettings(sigma=3e-4)
+    radius = settings.radius_px(30, 36)
+    # Reference: every (view, face, pixel) triple, distance to the triangle by sampling-free geometry.
+    xy, z = cam.project(mesh.verts)
+    tri = xy[:, mesh.faces]  # (N, F, 3, 2)
+    ys, xs = torch.meshgrid(torch.arange(30, dtype=D) + 0.5, torch.arange(36, dtype=D) + 0.5, indexing="ij")
+    p = torch.stack([xs.flatten(), ys.flatten()], -1)[None, None, :, None, :]  # (1, 1, HW, 1, 2)
+    a, b = tri[:, :, None], tri.roll(-1, dims=2)[:, :, None]  # edges a_k -> b_k, (N, F, 1, 3, 2)
+    e = b - a
+    t = (((p - a) * e).sum(-1) / (e * e).sum(-1)).clamp(0, 1)
+    dist2 = ((p - a - t[..., None] * e) ** 2).sum(-1).amin(-1)  # (N, F, HW)
+    cr = e[..., 0] * (p - a)[..., 1] - e[..., 1] * (p - a)[..., 0]
+    area2 = torch.linalg.det(torch.stack([tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0]], -1))
+    inside = ((cr <= 0).all(-1) | (cr >= 0).all(-1))
+    keep = (inside | (dist2 <= radius**2)) & (area2 < 0)[..., None] & (z[:, mesh.faces] > cam.near).all(-1)[..., None]
+    n, f, pix = keep.nonzero(as_tuple=True)
+    expected = sorted(zip((n * mesh.faces.shape[0] + f).tolist(), (n * 30 * 36 + pix).tolist(), strict=True))
+
+    for chunk in (1 << 21, 64):  # also force many small chunks
+        monkeypatch.setattr(coverage, "CHUNK", chunk)
+        pairs = prepare(mesh.verts, mesh.faces, cam, settings)
+        got = sorted(zip(pairs.view_face.tolist(), pairs.pixel.tolist(), strict=True))
+        assert got == expected
+    assert len(expected) > 2000
