@@ -1,0 +1,202 @@
+"""What every scene builder returns, and the helpers they share (metrics, target cache, settings).
+
+A scene is where the two wings meet: it closes the renderer over the fixed data (mesh, cameras,
+targets) to give the solver a residual function of named parameter tensors, and it knows the ground
+truth and how to show and save a result. Builders take their config fields as keywords plus a
+``ctx: BuildContext`` (device, dtype, renderer overrides, cache directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffrender.config import UserError
+
+Params = dict[str, Tensor]
+
+
+@dataclass
+class BuildContext:
+    """What a builder needs besides its own config: where and how to put tensors, renderer
+    overrides (``None`` fields keep the scene's defaults), the target cache and the project root
+    against which relative asset paths are resolved."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    renderer: dict[str, Any] = field(default_factory=dict)
+    cache_dir: Path | None = None
+    root: Path = field(default_factory=Path.cwd)
+
+    def path(self, p: str | Path) -> Path:
+        p = Path(p)
+        return p if p.is_absolute() else self.root / p
+
+    def asset(self, p: str | Path) -> Path:
+        """A required input file; UserError naming it when it is missing."""
+        q = self.path(p)
+        if not q.is_file():
+            raise UserError(f"asset not found: {q}")
+        return q
+
+    def opt(self, key: str, default: Any) -> Any:
+        v = self.renderer.get(key)
+        return default if v is None else v
+
+
+@dataclass
+class Stage:
+    """One solve of a (possibly staged) fit: a Problem over the parameters ``keys``, the others held at
+    their current values. ``make_problem(x)`` receives the full current parameters."""
+
+    name: str
+    keys: list[str]
+    make_problem: Callable[[Params], Any]
+
+
+@dataclass
+class Scene:
+    """A fit ready to run.
+
+    x0: all parameters (stages free subsets of them); stages: solved in order, each from where the
+    previous stopped; target: {"alpha": (N, H, W)} and/or {"rgb": (N, H, W, 3)}; render_fn(x): images
+    of the same kinds for visualization at the final settings; metrics_fn(x, images): floats (``iou``,
+    ``psnr`` and ground-truth errors when known); save_fn(x, out_dir): writes fitted parameters (OBJ /
+    JSON) and returns the file names; mesh_fn(x): (verts, faces, colors or None) for shape scenes.
+    """
+
+    name: str
+    x0: Params
+    stages: list[Stage]
+    target: dict[str, Tensor]
+    render_fn: Callable[[Params], dict[str, Tensor]]
+    metrics_fn: Callable[[Params, dict[str, Tensor]], dict[str, float]]
+    save_fn: Callable[[Params, Path], list[str]]
+    mesh_fn: Callable[[Params], tuple[Tensor, Tensor, Tensor | None]] | None = None
+    ground_truth: dict[str, Any] | None = None
+
+    def display(self, images: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(render, target) pair to show: color when the scene has color targets, else silhouettes."""
+        if "rgb" in self.target and "rgb" in images:
+            return images["rgb"], self.target["rgb"]
+        return images["alpha"], self.target["alpha"]
+
+
+def sigma_stages(sigma: float, schedule: list[float], coarse_to_fine: bool, ctx: BuildContext) -> list[float]:
+    """The σ values to solve with in order: the coarse-to-fine schedule (ending at the final σ), or the
+    final σ alone. A renderer.sigma override replaces the final σ."""
+    final = float(ctx.opt("sigma", sigma))
+    c2f = bool(ctx.opt("coarse_to_fine", coarse_to_fine))
+    sched = [float(s) for s in schedule if float(s) > final] if c2f else []
+    return sched + [final]
+
+
+def render_settings(sigma: float, gamma: float, ctx: BuildContext, **kw: Any) -> Any:
+    from diffrender.render import RenderSettings
+
+    return RenderSettings(sigma=sigma, gamma=float(ctx.opt("gamma", gamma)),
+                          cull_backfaces=bool(ctx.renderer.get("cull_backfaces", True)),
+                          eps=float(ctx.renderer.get("eps", 1e-4)),
+                          margin_px=float(ctx.renderer.get("margin_px", 1.0)), **kw)
+
+
+def iou(alpha: Tensor, target: Tensor, threshold: float = 0.5) -> float:
+    """Silhouette intersection over union after thresholding both images (1.0 when both are empty)."""
+    a, b = alpha > threshold, target > threshold
+    union = (a | b).sum().item()
+    return 1.0 if union == 0 else (a & b).sum().item() / union
+
+
+def psnr(img: Tensor, target: Tensor) -> float:
+    """Peak signal-to-noise ratio in dB for images in [0, 1]."""
+    mse = ((img.detach() - target) ** 2).mean().item()
+    return float("inf") if mse == 0 else -10.0 * math.log10(mse)
+
+
+def chamfer(a: Tensor, b: Tensor, chunk: int = 4096) -> float:
+    """Symmetric Chamfer distance between point sets a (P, 3) and b (Q, 3): mean squared distance to the
+    nearest neighbour, summed over both directions (PyTorch3D's convention)."""
+
+    def one_way(p: Tensor, q: Tensor) -> Tensor:
+        return torch.cat([torch.cdist(p[i:i + chunk], q).min(dim=1).values ** 2
+                          for i in range(0, p.shape[0], chunk)]).mean()
+
+    a, b = a.detach(), b.detach()
+    return float(one_way(a, b) + one_way(b, a))
+
+
+def image_metrics(images: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, float]:
+    """IoU of silhouettes and PSNR of colors (or of silhouettes when there is no color)."""
+    out = {}
+    if "alpha" in images and "alpha" in target:
+        out["iou"] = iou(images["alpha"], target["alpha"])
+    if "rgb" in images and "rgb" in target:
+        out["psnr"] = psnr(images["rgb"], target["rgb"])
+    elif "alpha" in images and "alpha" in target:
+        out["psnr"] = psnr(images["alpha"], target["alpha"])
+    return out
+
+
+def cached(ctx: BuildContext, key: dict[str, Any],
+           make: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Synthetic targets rendered once: ``torch.save`` under the cache directory, keyed by a hash of
+    ``key`` (scene config, dtype, renderer settings, the asset files' size and mtime)."""
+    if ctx.cache_dir is None:
+        return make()
+    blob = json.dumps(key, sort_keys=True, default=str).encode()
+    path = Path(ctx.cache_dir) / f"{key.get('scene', 'scene')}_{hashlib.sha256(blob).hexdigest()[:16]}.pt"
+    if path.is_file():
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            return {k: v.to(ctx.device) for k, v in data.items()}
+        except Exception:
+            pass  # a stale or partial cache file: render again
+    data = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({k: v.detach().cpu() for k, v in data.items()}, tmp)
+    tmp.replace(path)
+    return data
+
+
+def file_key(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def load_mesh(ctx: BuildContext, path: str | Path, *, normalize: bool = True) -> Any:
+    """An OBJ asset on the context's device/dtype, centred and scaled to unit radius when asked."""
+    from diffrender import mesh as meshlib
+
+    p = ctx.asset(path)
+    try:
+        m = meshlib.load_obj(p, dtype=ctx.dtype, device=ctx.device)
+    except ValueError as e:
+        raise UserError(f"cannot read mesh {p}: {str(e).splitlines()[0]}") from None
+    tex = p.with_name(p.stem + "_texture.png")  # e.g. spot.obj + spot_texture.png (no .mtl shipped)
+    if m.uvs is not None and m.texture is None and tex.is_file():
+        from dataclasses import replace
+
+        from diffrender.io import read_image
+
+        m = replace(m, texture=torch.as_tensor(read_image(tex)[..., :3], dtype=ctx.dtype, device=ctx.device))
+    return meshlib.normalize(m) if normalize else m
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    def conv(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            return v.detach().cpu().tolist()
+        if isinstance(v, dict):
+            return {k: conv(w) for k, w in v.items()}
+        return v
+
+    path.write_text(json.dumps(conv(data), indent=2))

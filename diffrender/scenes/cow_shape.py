@@ -1,0 +1,159 @@
+"""``cow_shape`` and ``bunny_silhouette``: deform an icosphere into a target mesh seen from many views.
+
+Parameters: per-vertex ``offsets`` (V, 3) of the sphere (and per-vertex ``colors`` (V, 3) in the color
+stage). Residual blocks: ``silhouette`` (soft α − target α, all views), ``color`` (shaded rgb − target
+rgb, color stage only), and the regularizers ``laplacian``, ``edge`` and ``normal`` with their weights.
+Stages: one silhouette stage per σ of the coarse-to-fine schedule, then (``color_stage``) one stage that
+frees the colors too. The CG solve gets the (I + λL)^{-1} preconditioner on the offsets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffrender.scenes.base import (
+    BuildContext,
+    Params,
+    Scene,
+    Stage,
+    cached,
+    chamfer,
+    file_key,
+    image_metrics,
+    load_mesh,
+    render_settings,
+    sigma_stages,
+)
+from diffrender.scenes.regularizers import (
+    Topology,
+    edge_residual,
+    laplacian_preconditioner,
+    laplacian_residual,
+    normal_residual,
+)
+
+
+def default_lights(dtype: torch.dtype, device: torch.device):
+    from diffrender.raster.shading import Lights
+
+    return Lights.create(ambient=(0.4, 0.4, 0.4), directional_dirs=[(-0.3, -0.6, -0.7)],
+                         directional_colors=[(0.7, 0.7, 0.7)], dtype=dtype, device=device)
+
+
+def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule: list[float],
+          coarse_to_fine: bool, gamma: float, fov_deg: float, sphere_level: int, sphere_radius: float,
+          views: int, distance: float, elevations_deg: list[float], color_stage: bool, w_silhouette: float,
+          w_color: float, w_laplacian: float, w_edge: float, w_normal: float, preconditioner_lambda: float,
+          ctx: BuildContext) -> Scene:
+    from diffrender import render as R
+    from diffrender.camera import camera_from_look_at, orbit_eyes
+    from diffrender.mesh import Mesh, icosphere, save_obj
+
+    size = int(ctx.opt("image_size", image_size))
+    kw = dict(dtype=ctx.dtype, device=ctx.device)
+    gt = load_mesh(ctx, mesh, normalize=True)
+    sphere = icosphere(int(sphere_level), **kw)
+    base = sphere.verts * float(sphere_radius)
+    faces = sphere.faces
+    topo = Topology.of(faces, base.shape[0])
+    eyes = orbit_eyes(int(views), float(distance), list(elevations_deg), **kw)
+    cam = camera_from_look_at(eyes, fov_deg=fov_deg, height=size, width=size)
+    sigmas = sigma_stages(sigma, sigma_schedule, coarse_to_fine, ctx)
+    final = render_settings(sigmas[-1], gamma, ctx)
+    lights = default_lights(ctx.dtype, ctx.device)
+    has_color = bool(color_stage) and (gt.texture is not None or gt.colors is not None)
+
+    def render_gt(settings, rgb: bool):
+        with torch.no_grad():
+            pairs = R.prepare(gt.verts, gt.faces, cam, settings)
+            out = R.render(gt.verts, gt.faces, cam, pairs, settings, colors=gt.colors, uvs=gt.uvs,
+                           uv_faces=gt.uv_faces, texture=gt.texture, lights=lights if rgb else None,
+                           outputs=("alpha", "rgb") if rgb else ("alpha",))
+        return out
+
+    def make_targets():
+        out = {f"alpha_{i}": render_gt(render_settings(s, gamma, ctx), False)["alpha"] for i, s in enumerate(sigmas)}
+        if has_color:
+            out["rgb"] = render_gt(final, True)["rgb"]
+        return out
+
+    key = dict(scene=name, mesh=file_key(ctx.asset(mesh)), size=size, sigmas=sigmas, gamma=final.gamma,
+               fov=fov_deg, views=views, distance=distance, elev=list(elevations_deg), color=has_color,
+               dtype=str(ctx.dtype), cull=final.cull_backfaces, eps=final.eps, margin=final.margin_px)
+    targets = cached(ctx, key, make_targets)
+    weights = {"silhouette": w_silhouette, "laplacian": w_laplacian, "edge": w_edge, "normal": w_normal}
+    pre = None
+    if preconditioner_lambda > 0:
+        pre = laplacian_preconditioner(topo, base.shape[0], preconditioner_lambda, "offsets", ctx.dtype, ctx.device)
+
+    def regularizers(v):
+        return {"laplacian": laplacian_residual(v, topo), "edge": edge_residual(v, topo),
+                "normal": normal_residual(v, faces, topo)}
+
+    def silhouette_stage(i: int, s: float) -> Stage:
+        settings = render_settings(s, gamma, ctx)
+        tgt = targets[f"alpha_{i}"]
+
+        def make_problem(x: Params):
+            from diffrender.problem import Problem
+
+            def residuals(p, pairs):
+                v = base + p["offsets"]
+                alpha = R.render(v, faces, cam, pairs, settings, outputs=("alpha",))["alpha"]
+                return {"silhouette": alpha - tgt, **regularizers(v)}
+
+            return Problem(residuals, prepare=lambda p: R.prepare(base + p["offsets"], faces, cam, settings),
+                           weights=weights, preconditioner=pre)
+
+        return Stage(f"silhouette sigma={s:g}", ["offsets"], make_problem)
+
+    def color_stage_(s: float) -> Stage:
+        settings = render_settings(s, gamma, ctx)
+        tgt_a, tgt_rgb = targets[f"alpha_{len(sigmas) - 1}"], targets["rgb"]
+
+        def make_problem(x: Params):
+            from diffrender.problem import Problem
+
+            def residuals(p, pairs):
+                v = base + p["offsets"]
+                out = R.render(v, faces, cam, pairs, settings, colors=p["colors"], lights=lights,
+                               outputs=("alpha", "rgb"))
+                return {"silhouette": out["alpha"] - tgt_a, "color": out["rgb"] - tgt_rgb, **regularizers(v)}
+
+            return Problem(residuals, prepare=lambda p: R.prepare(base + p["offsets"], faces, cam, settings),
+                           weights={**weights, "color": w_color}, preconditioner=pre)
+
+        return Stage("color", ["offsets", "colors"], make_problem)
+
+    stages = [silhouette_stage(i, s) for i, s in enumerate(sigmas)]
+    x0 = {"offsets": torch.zeros_like(base)}
+    target = {"alpha": targets[f"alpha_{len(sigmas) - 1}"]}
+    if has_color:
+        stages.append(color_stage_(sigmas[-1]))
+        x0["colors"] = torch.full_like(base, 0.5)
+        target["rgb"] = targets["rgb"]
+
+    def render_fn(x: Params):
+        v = base + x["offsets"]
+        with torch.no_grad():
+            pairs = R.prepare(v, faces, cam, final)
+            if has_color:
+                return R.render(v, faces, cam, pairs, final, colors=x["colors"].clamp(0, 1), lights=lights,
+                                outputs=("alpha", "rgb"))
+            return R.render(v, faces, cam, pairs, final, outputs=("alpha",))
+
+    def metrics_fn(x: Params, images):
+        return {**image_metrics(images, target), "chamfer": chamfer(base + x["offsets"], gt.verts)}
+
+    def mesh_fn(x: Params):
+        return base + x["offsets"], faces, (x["colors"].clamp(0, 1) if has_color else None)
+
+    def save_fn(x: Params, out: Path) -> list[str]:
+        v, f, c = mesh_fn(x)
+        save_obj(out / "mesh.obj", Mesh(verts=v.detach(), faces=f, colors=None if c is None else c.detach()))
+        return ["mesh.obj"]
+
+    return Scene(name=name, x0=x0, stages=stages, target=target, render_fn=render_fn, metrics_fn=metrics_fn,
+                 save_fn=save_fn, mesh_fn=mesh_fn, ground_truth={"verts": gt.verts, "faces": gt.faces})
