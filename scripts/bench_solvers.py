@@ -184,8 +184,42 @@ def _peak_mb(fn, device) -> float:
     return (_rss_kb("VmHWM:") - base) / 1024
 
 
+def _sizes(quick: bool) -> tuple[int, int, int]:
+    return (250, 25, 25) if quick else (1000, 50, 100)
+
+
+def memory_worker(what: str, quick: bool, iterations: int, device: torch.device) -> None:
+    """Run in a fresh process: peak memory of one fwd+bwd, or of an LM solve, above the set-up state.
+    A tiny warm-up solve first loads the lazily imported tracing machinery (fixed cost, not O(m + n))."""
+    tiny = WarpProblem(16, 4, 4, device=device)
+    warm = LevenbergMarquardt(max_iterations=2, linear_solver="cg", dense_threshold=4)
+    warm.solve(Problem(tiny.residuals), tiny.x0())
+    wp = WarpProblem(*_sizes(quick), device=device)
+    problem = Problem(wp.residuals)
+    x0 = wp.x0()
+
+    def fwd_bwd():
+        x = {"grid": x0["grid"].clone().requires_grad_(True)}
+        cost, _ = problem.cost(x, None)
+        cost.backward()
+
+    def lm():
+        LevenbergMarquardt(max_iterations=iterations, linear_solver="cg", max_cg_iterations=50).solve(problem, x0)
+
+    print(json.dumps({"peak_mb": _peak_mb(fwd_bwd if what == "fwd_bwd" else lm, device)}))
+
+
+def _measure_in_subprocess(what: str, quick: bool, iterations: int, device: torch.device) -> float:
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--memory-worker", what, "--iterations", str(iterations),
+           "--device", str(device), "--threads", str(torch.get_num_threads())] + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["peak_mb"])
+
+
 def bench_large(quick: bool, repeats: int, iterations: int, device: torch.device) -> dict:
-    size, gh, gw = (250, 25, 25) if quick else (1000, 50, 100)
+    size, gh, gw = _sizes(quick)
     wp = WarpProblem(size, gh, gw, device=device)
     problem = Problem(wp.residuals)
     x0 = wp.x0()
@@ -210,19 +244,15 @@ def bench_large(quick: bool, repeats: int, iterations: int, device: torch.device
     jvp_ms = _median_ms(lambda: lin.op.jvp(v), device, repeats)
     vjp_ms = _median_ms(lambda: lin.op.vjp(lin.residual), device, repeats)
     jtj_ms = _median_ms(lambda: lin.op.jtj(v), device, repeats)
-    lin = None  # free the traced graphs before the memory measurements
-    fb_mb = _peak_mb(fwd_bwd, device)
+    lin = None  # free the traced graphs
+    fb_mb = _measure_in_subprocess("fwd_bwd", quick, iterations, device)
+    lm_mb = _measure_in_subprocess("lm", quick, iterations, device)
     solver = LevenbergMarquardt(max_iterations=iterations, linear_solver="cg", max_cg_iterations=50)
-    out = {}
-
-    def run_lm():
-        out["res"] = solver.solve(problem, x0)
-
-    lm_mb = _peak_mb(run_lm, device)
-    res = out["res"]
+    res = solver.solve(problem, x0)
     steps = [r for r in res.records if r.iteration > 0]
     it_s = statistics.median(r.seconds for r in steps)
-    mem_method = "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS delta (VmHWM)"
+    mem_method = ("cuda max_memory_allocated" if device.type == "cuda"
+                  else "peak RSS above the set-up RSS, fresh process per measurement")
     row = dict(problem=f"warp n={n} m={m}", solver="LM cg", n=n, m=m, device=str(device),
                residual_ms=res_ms, fwd_bwd_ms=fb_ms, jvp_ms=jvp_ms, vjp_ms=vjp_ms, jtjv_ms=jtj_ms,
                jtjv_over_residual=jtj_ms / res_ms, lm_iterations=len(steps), seconds_per_iteration=it_s,
@@ -252,11 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for the large problem")
     ap.add_argument("--skip-mgh", action="store_true")
+    ap.add_argument("--memory-worker", choices=["fwd_bwd", "lm"], help=argparse.SUPPRESS)
     ap.add_argument("--skip-large", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        memory_worker(args.memory_worker, args.quick, args.iterations, device)
+        return 0
     print(f"torch {torch.__version__}, device {device}")
     rows = []
     if not args.skip_mgh:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -146,7 +147,8 @@ class Result:
         steps = [r for r in self.records if r.iteration > 0]
         ok = sum(r.accepted for r in steps)
         c = self.counters
-        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        opts = textwrap.fill(", ".join(f"{k}={v}" for k, v in self.options.items()), 100,
+                             subsequent_indent="    ")
         lines += [
             "",
             f"Solver summary ({self.solver}: {opts})",

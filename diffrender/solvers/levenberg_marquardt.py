@@ -96,9 +96,7 @@ class LevenbergMarquardt(SecondOrderSolver):
             state.x, state.cost, state.block_costs = x_new, cost_new, blocks_new
             ws.ctx, ws.lin = ctx_new, None
             state.linearized_at = state.iteration + 1
-            # Nielsen's update, in lambda = 1/mu form
-            state.damping = max(o.min_damping, lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3))
-            state.nu = 2.0
+            self.update_damping_accepted(state, rho)
             rec.accepted = True
             rec.cost, rec.block_costs = cost_new, blocks_new
             return rec, termination
@@ -109,9 +107,20 @@ class LevenbergMarquardt(SecondOrderSolver):
             termination = "parameter_tolerance"
         return rec, termination or self._reject(state, ws)
 
-    def _reject(self, state: SolverState, ws: Workspace) -> str | None:
+    # ---------------------------------------------------------------- damping policy (override to change)
+    def update_damping_accepted(self, state: SolverState, rho: float) -> None:
+        """Nielsen (1999), in ``lambda = 1/mu`` form: ``lambda <- lambda max(1/3, 1 - (2 rho - 1)^3)``."""
+        factor = max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+        state.damping = max(self.options.min_damping, state.damping * factor)
+        state.nu = 2.0
+
+    def update_damping_rejected(self, state: SolverState) -> None:
+        """Nielsen: ``lambda <- lambda nu``, ``nu <- 2 nu``."""
         state.damping *= state.nu
         state.nu *= 2.0
+
+    def _reject(self, state: SolverState, ws: Workspace) -> str | None:
+        self.update_damping_rejected(state)
         if state.damping > self.options.max_damping:
             ws.cache["message"] = (
                 f"lambda = {state.damping:.3e} > max_damping = {self.options.max_damping:.1e}")
