@@ -264,7 +264,8 @@ class Problem:
         self.losses = dict(losses or {})
         self.preconditioner = preconditioner
         self.counters = Counters()
-        self._use_linearize = True  # flipped to False (once) if torch.func.linearize cannot trace
+        self._failed_modes: set[str] = set()  # JVP modes that failed here: not tried again
+        self._checked_modes: set[str] = set()  # "transpose" is checked against jvp once per problem
         self.linearize_error: str | None = None
 
     # ------------------------------------------------------------------ layout
@@ -351,14 +352,14 @@ class Problem:
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
     # ------------------------------------------------------------------ linearization
-    def linearize(
-        self, x: dict[str, Tensor], ctx: Any = None, *, use_linearize: bool = True
-    ) -> Linearization:
+    def linearize(self, x: dict[str, Tensor], ctx: Any = None, *, jvp_mode: str = "transpose") -> Linearization:
         """Build the Jacobian operator of the whitened residuals at ``x`` (tangent ``delta = 0``).
 
         ``fn(delta) = r(x (+) delta, ctx)`` is traced once by ``torch.func.linearize`` (JVPs) and once by
         ``torch.func.vjp`` (VJPs); the per-residual weights and Triggs scalings are constants at ``x``.
-        ``use_linearize=False`` makes JVPs plain ``torch.func.jvp`` calls (better for a handful of products).
+        ``jvp_mode`` picks how JVPs are made (see :mod:`diffrender.linalg.operator`): ``"transpose"``
+        (default: fast, memory ~ one forward+backward), ``"linearize"``, or ``"jvp"`` (plain
+        ``torch.func.jvp``, best for a handful of products).  A mode that failed once is not retried.
         """
         layout = self.layout(x)
         x = {k: v.detach() for k, v in x.items()}
@@ -378,8 +379,11 @@ class Problem:
                 names.extend(self._block_vectors(blocks))
             return self._flat(blocks)
 
-        op = JacobianOperator(fn, layout.zeros(), counters=self.counters,
-                              use_linearize=self._use_linearize and use_linearize)
+        mode = "jvp" if jvp_mode in self._failed_modes else jvp_mode
+        op = JacobianOperator(fn, layout.zeros(), counters=self.counters, mode=mode,
+                              check=mode not in self._checked_modes)
+        if mode == "transpose":
+            self._checked_modes.add(mode)
         raw = op.value
         res_scale, jac_scale, terms = [], [], {}
         start = 0
@@ -404,12 +408,13 @@ class Problem:
             residual = torch.cat(res_scale) * raw
         else:
             residual = raw
-        op.on_linearize_failure = self._remember_linearize_failure
+        op.on_linearize_failure = lambda err, mode=mode: self._remember_linearize_failure(mode, err)
         return Linearization(op, residual, Evaluation(sum(terms.values()), terms))
 
-    def _remember_linearize_failure(self, err: BaseException) -> None:
-        self._use_linearize = False
-        self.linearize_error = f"{type(err).__name__}: {err}"
+    def _remember_linearize_failure(self, mode: str, err: BaseException) -> None:
+        self._failed_modes.add(mode)
+        self._checked_modes.discard(mode)
+        self.linearize_error = f"{mode}: {type(err).__name__}: {err}"
 
     def make_preconditioner(self, info: PreconditionerInfo) -> Callable[[Tensor], Tensor] | None:
         """Call the user's preconditioner factory, if any."""

@@ -188,11 +188,11 @@ def _sizes(quick: bool) -> tuple[int, int, int]:
     return (250, 25, 25) if quick else (1000, 50, 100)
 
 
-def memory_worker(what: str, quick: bool, iterations: int, device: torch.device) -> None:
+def memory_worker(what: str, quick: bool, iterations: int, device: torch.device, mode: str) -> None:
     """Run in a fresh process: peak memory of one fwd+bwd, or of an LM solve, above the set-up state.
     A tiny warm-up solve first loads the lazily imported tracing machinery (fixed cost, not O(m + n))."""
     tiny = WarpProblem(16, 4, 4, device=device)
-    warm = LevenbergMarquardt(max_iterations=2, linear_solver="cg", dense_threshold=4)
+    warm = LevenbergMarquardt(max_iterations=2, linear_solver="cg", dense_threshold=4, jvp_mode=mode)
     warm.solve(Problem(tiny.residuals), tiny.x0())
     wp = WarpProblem(*_sizes(quick), device=device)
     problem = Problem(wp.residuals)
@@ -204,28 +204,30 @@ def memory_worker(what: str, quick: bool, iterations: int, device: torch.device)
         cost.backward()
 
     def lm():
-        LevenbergMarquardt(max_iterations=iterations, linear_solver="cg", max_cg_iterations=50).solve(problem, x0)
+        LevenbergMarquardt(max_iterations=iterations, linear_solver="cg", max_cg_iterations=50,
+                           jvp_mode=mode).solve(problem, x0)
 
     print(json.dumps({"peak_mb": _peak_mb(fwd_bwd if what == "fwd_bwd" else lm, device)}))
 
 
-def _measure_in_subprocess(what: str, quick: bool, iterations: int, device: torch.device) -> float:
+def _measure_in_subprocess(what: str, quick: bool, iterations: int, device: torch.device, mode: str) -> float:
     import subprocess
 
     cmd = [sys.executable, __file__, "--memory-worker", what, "--iterations", str(iterations),
-           "--device", str(device), "--threads", str(torch.get_num_threads())] + (["--quick"] if quick else [])
+           "--device", str(device), "--threads", str(torch.get_num_threads()), "--jvp-modes", mode]
+    cmd += ["--quick"] if quick else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(json.loads(out.strip().splitlines()[-1])["peak_mb"])
 
 
-def bench_large(quick: bool, repeats: int, iterations: int, device: torch.device) -> dict:
+def bench_large(quick: bool, repeats: int, iterations: int, device: torch.device, modes: list[str]) -> list[dict]:
     size, gh, gw = _sizes(quick)
     wp = WarpProblem(size, gh, gw, device=device)
-    problem = Problem(wp.residuals)
     x0 = wp.x0()
     n, m = x0["grid"].numel(), wp.u.numel()
     print(f"\nLarge problem: smooth image warp, n = {n}, m = {m}, float32, device {device}, "
           f"{torch.get_num_threads()} thread(s)")
+    problem = Problem(wp.residuals)
 
     def residual_eval():
         with torch.no_grad():
@@ -236,41 +238,48 @@ def bench_large(quick: bool, repeats: int, iterations: int, device: torch.device
         cost, _ = problem.cost(x, None)
         cost.backward()
 
-    lin = problem.linearize(x0, None)
-    v = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
-    lin.op.jtj(v)  # builds the linearization (one trace) outside the timed region
     res_ms = _median_ms(residual_eval, device, repeats)
     fb_ms = _median_ms(fwd_bwd, device, repeats)
-    jvp_ms = _median_ms(lambda: lin.op.jvp(v), device, repeats)
-    vjp_ms = _median_ms(lambda: lin.op.vjp(lin.residual), device, repeats)
-    jtj_ms = _median_ms(lambda: lin.op.jtj(v), device, repeats)
-    lin = None  # free the traced graphs
-    fb_mb = _measure_in_subprocess("fwd_bwd", quick, iterations, device)
-    lm_mb = _measure_in_subprocess("lm", quick, iterations, device)
-    solver = LevenbergMarquardt(max_iterations=iterations, linear_solver="cg", max_cg_iterations=50)
-    res = solver.solve(problem, x0)
-    steps = [r for r in res.records if r.iteration > 0]
-    it_s = statistics.median(r.seconds for r in steps)
+    fb_mb = _measure_in_subprocess("fwd_bwd", quick, iterations, device, "transpose")
     mem_method = ("cuda max_memory_allocated" if device.type == "cuda"
                   else "peak RSS above the set-up RSS, fresh process per measurement")
-    row = dict(problem=f"warp n={n} m={m}", solver="LM cg", n=n, m=m, device=str(device),
-               residual_ms=res_ms, fwd_bwd_ms=fb_ms, jvp_ms=jvp_ms, vjp_ms=vjp_ms, jtjv_ms=jtj_ms,
-               jtjv_over_residual=jtj_ms / res_ms, lm_iterations=len(steps), seconds_per_iteration=it_s,
-               cg_per_iteration=statistics.median(r.cg_iterations for r in steps),
-               jvps=res.counters.jvps, vjps=res.counters.vjps, nfev=res.counters.residual_evals,
-               iterations=len(steps), seconds=res.seconds, solved=None, lre=None,
-               initial_cost=res.initial_cost, final_cost=res.cost,
-               fwd_bwd_peak_mb=fb_mb, lm_peak_mb=lm_mb, peak_mb_over_fwd_bwd=lm_mb / fb_mb,
-               data_mb=(wp.idx.numel() * 8 + (wp.w.numel() + 4 * m) * 4) / 2**20, memory_method=mem_method)
-    print(f"  residual eval {res_ms:9.1f} ms   fwd+bwd {fb_ms:9.1f} ms   JVP {jvp_ms:9.1f} ms   "
-          f"VJP {vjp_ms:9.1f} ms   JtJv {jtj_ms:9.1f} ms")
-    print(f"  JtJv / residual eval = {row['jtjv_over_residual']:.2f}   (goal <= 3)")
-    print(f"  LM: {len(steps)} iterations, median {it_s:.2f} s/iteration, median {row['cg_per_iteration']} CG "
-          f"iterations, cost {res.initial_cost:.4e} -> {res.cost:.4e}")
-    print(f"  peak memory ({mem_method}): fwd+bwd {fb_mb:.1f} MB, LM solve {lm_mb:.1f} MB, "
-          f"ratio {row['peak_mb_over_fwd_bwd']:.2f}   (goal <= 4)")
-    print(res.report())
-    return row
+    print(f"  residual eval {res_ms:.1f} ms, forward+backward {fb_ms:.1f} ms, peak {fb_mb:.1f} MB ({mem_method})")
+    print(f"  {'jvp_mode':10s} {'JVP ms':>8s} {'VJP ms':>8s} {'JtJv ms':>8s} {'JtJv/res':>8s} {'s/iter':>7s} "
+          f"{'cg/iter':>7s} {'LM MB':>8s} {'MB/fb':>6s} {'cost after':>11s}")
+    rows, reports = [], []
+    for mode in modes:
+        problem = Problem(wp.residuals)
+        lin = problem.linearize(x0, None, jvp_mode=mode)
+        v = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
+        lin.op.jtj(v)  # builds the JVP map outside the timed region
+        jvp_ms = _median_ms(lambda lin=lin, v=v: lin.op.jvp(v), device, repeats)
+        vjp_ms = _median_ms(lambda lin=lin: lin.op.vjp(lin.residual), device, repeats)
+        jtj_ms = _median_ms(lambda lin=lin, v=v: lin.op.jtj(v), device, repeats)
+        lin = None  # free the graphs
+        lm_mb = _measure_in_subprocess("lm", quick, iterations, device, mode)
+        solver = LevenbergMarquardt(max_iterations=iterations, linear_solver="cg", max_cg_iterations=50,
+                                    jvp_mode=mode)
+        res = solver.solve(problem, x0)
+        steps = [r for r in res.records if r.iteration > 0]
+        it_s = statistics.median(r.seconds for r in steps[1:] or steps)  # the first one includes start-up
+        row = dict(problem=f"warp n={n} m={m}", solver=f"LM cg ({mode})", jvp_mode=mode, n=n, m=m,
+                   device=str(device), residual_ms=res_ms, fwd_bwd_ms=fb_ms, jvp_ms=jvp_ms, vjp_ms=vjp_ms,
+                   jtjv_ms=jtj_ms, jtjv_over_residual=jtj_ms / res_ms, seconds_per_iteration=it_s,
+                   cg_per_iteration=statistics.median(r.cg_iterations for r in steps),
+                   jvps=res.counters.jvps, vjps=res.counters.vjps, nfev=res.counters.residual_evals,
+                   iterations=len(steps), seconds=res.seconds, solved=None, lre=None,
+                   initial_cost=res.initial_cost, final_cost=res.cost,
+                   fwd_bwd_peak_mb=fb_mb, lm_peak_mb=lm_mb, peak_mb_over_fwd_bwd=lm_mb / fb_mb,
+                   memory_method=mem_method, linearize_error=problem.linearize_error)
+        rows.append(row)
+        reports.append((mode, res.report()))
+        print(f"  {mode:10s} {jvp_ms:>8.1f} {vjp_ms:>8.1f} {jtj_ms:>8.1f} {row['jtjv_over_residual']:>8.2f} "
+              f"{it_s:>7.2f} {row['cg_per_iteration']:>7} {lm_mb:>8.1f} {row['peak_mb_over_fwd_bwd']:>6.2f} "
+              f"{res.cost:>11.4e}")
+    print("  goals: JtJv/res <= 3, MB/fb <= 4 (LM solve peak over one forward+backward peak)")
+    for mode, rep in reports[:1]:
+        print(f"\nLM report (jvp_mode={mode}):\n{rep}")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,13 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for the large problem")
     ap.add_argument("--skip-mgh", action="store_true")
     ap.add_argument("--memory-worker", choices=["fwd_bwd", "lm"], help=argparse.SUPPRESS)
+    ap.add_argument("--jvp-modes", default="transpose,linearize,jvp",
+                    help="comma-separated JVP modes to compare on the large problem")
     ap.add_argument("--skip-large", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_worker:
-        memory_worker(args.memory_worker, args.quick, args.iterations, device)
+        memory_worker(args.memory_worker, args.quick, args.iterations, device, args.jvp_modes.split(",")[0])
         return 0
     print(f"torch {torch.__version__}, device {device}")
     rows = []
@@ -299,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_mgh(args.repeats)
         torch.set_num_threads(threads)
     if not args.skip_large:
-        rows.append(bench_large(args.quick, args.repeats, args.iterations, device))
+        rows += bench_large(args.quick, args.repeats, args.iterations, device, args.jvp_modes.split(","))
     if args.json:
         with args.json.open("w") as fh:
             for r in rows:

@@ -1,9 +1,19 @@
 """Matrix-free Jacobian operator: ``J u``, ``J^T w`` and ``J^T J v`` from JVPs and VJPs only.
 
-For ``fn: (n,) -> (m,)`` at a point ``x0``, ``torch.func.linearize`` is traced once (lazily, at the first
-JVP) and gives ``u -> J u`` at about the cost of one forward pass; ``torch.func.vjp`` is built once and
-gives a reusable ``w -> J^T w``.  ``J^T J v = J^T (J v)``: the Jacobian is never stored, except by
-:meth:`JacobianOperator.columns` for small ``n`` (dense path, ``m x n`` memory).
+For ``fn: (n,) -> (m,)`` at a point ``x0``, ``torch.func.vjp`` is built once and gives a reusable
+``w -> J^T w``.  ``u -> J u`` comes, per ``mode``, from
+
+* ``"linearize"``: ``torch.func.linearize`` traced once (lazily, at the first JVP): about one forward
+  pass per product, but the traced graph keeps every intermediate it needs as a constant (13x the
+  memory of a forward+backward on the 10^6-residual benchmark) and torch 2.13 sometimes miscompiles it,
+  so each build is checked against ``torch.func.jvp`` once;
+* ``"transpose"``: the VJP of the linear map ``w -> J^T w`` is ``u -> J u`` (the transpose trick), built
+  once on the already-saved VJP graph: as fast as ``linearize`` there, at about the memory of one
+  forward+backward; needs double-backward support (checked once per owner);
+* ``"jvp"``: plain ``torch.func.jvp`` per product (re-runs the forward with dual numbers).
+
+``J^T J v = J^T (J v)``: the Jacobian is never stored, except by :meth:`JacobianOperator.columns` for
+small ``n`` (dense path, ``m x n`` memory).  If the chosen mode fails, products fall back to ``"jvp"``.
 """
 
 from __future__ import annotations
@@ -50,9 +60,9 @@ class JacobianOperator:
     ``row_scale: (m,) | None`` multiplies the rows (``J~ = diag(row_scale) J``), used for residual weights
     and robust-loss corrections.  ``value: (m,)`` is ``fn(x0)`` (unscaled).  If ``torch.func.linearize``
     fails to trace ``fn``, JVPs fall back to ``torch.func.jvp`` (one forward per product) and
-    ``on_linearize_failure(err)`` is called once so the owner can skip ``linearize`` next time.
-    ``use_linearize=False`` uses plain ``torch.func.jvp`` from the start: cheaper when only a few products
-    are needed (tracing costs tens of milliseconds of Python overhead).
+    ``on_linearize_failure(err)`` is called once so the owner can skip that mode next time.
+    ``mode="jvp"`` is cheapest when only a few products are needed (tracing costs tens of milliseconds of
+    Python overhead); ``check=False`` skips the one-product check of the ``"transpose"`` mode.
     """
 
     def __init__(
@@ -62,8 +72,11 @@ class JacobianOperator:
         *,
         row_scale: Tensor | None = None,
         counters: Counters | None = None,
-        use_linearize: bool = True,
+        mode: str = "transpose",
+        check: bool = True,
     ) -> None:
+        if mode not in ("linearize", "transpose", "jvp"):
+            raise ValueError(f"JacobianOperator: mode must be 'linearize', 'transpose' or 'jvp', got {mode!r}")
         if x0.dim() != 1:
             raise ValueError(f"JacobianOperator: x0 must be a flat (n,) vector, got shape {tuple(x0.shape)}")
         self.fn = fn
@@ -77,23 +90,40 @@ class JacobianOperator:
         self.value = value.detach()
         self.m = value.numel()
         self.row_scale = row_scale
-        self.use_linearize = use_linearize
+        self.mode = mode
+        self.check = check
         self.on_linearize_failure: Callable[[BaseException], None] | None = None
         self.linearize_error: BaseException | None = None
         self._jvp_fn: Callable[[Tensor], Tensor] | None = None
         self._columns: Tensor | None = None
 
     # ------------------------------------------------------------------ raw products
+    @property
+    def use_linearize(self) -> bool:
+        """True while products come from a prebuilt map (``linearize`` or ``transpose``)."""
+        return self.mode != "jvp"
+
+    def _build_transpose(self) -> Callable[[Tensor], Tensor]:
+        # w -> J^T w is linear, so its VJP is u -> (J^T)^T u = J u, evaluated on the saved VJP graph.
+        w0 = torch.zeros_like(self.value)
+        _, tr = torch.func.vjp(lambda w: self._vjp_fn(w)[0], w0)
+        return lambda u: tr(u)[0]
+
     def _raw_jvp(self, u: Tensor) -> Tensor:
-        if self._jvp_fn is None and self.use_linearize:
+        if self._jvp_fn is None and self.mode != "jvp":
             try:
-                with warnings.catch_warnings():  # torch.fx const-folding chatter; checked below instead
-                    warnings.simplefilter("ignore", UserWarning)
-                    _, jvp_fn = torch.func.linearize(self.fn, self.x0)
-                self._check_linearized(jvp_fn)
+                if self.mode == "transpose":
+                    jvp_fn = self._build_transpose()
+                    if self.check:
+                        self._check_linearized(jvp_fn)
+                else:
+                    with warnings.catch_warnings():  # torch.fx const-folding chatter; checked below instead
+                        warnings.simplefilter("ignore", UserWarning)
+                        _, jvp_fn = torch.func.linearize(self.fn, self.x0)
+                    self._check_linearized(jvp_fn)
                 self._jvp_fn = jvp_fn
             except Exception as err:  # noqa: BLE001 - any tracing failure: fall back to plain jvp
-                self.use_linearize = False
+                self.mode = "jvp"
                 self.linearize_error = err
                 if self.on_linearize_failure is not None:
                     self.on_linearize_failure(err)
@@ -102,7 +132,7 @@ class JacobianOperator:
         return torch.func.jvp(self.fn, (self.x0,), (u,))[1]
 
     def _check_linearized(self, jvp_fn: Callable[[Tensor], Tensor]) -> None:
-        """Compare one linearized product with ``torch.func.jvp`` on a fixed pseudo-random direction.
+        """Compare one prebuilt product with ``torch.func.jvp`` on a fixed pseudo-random direction.
 
         torch 2.13's ``linearize`` can return silently wrong products: its constant folding mixes up
         constants (e.g. axis-angle -> So3 -> log -> ``axis_angle_to_rotation_matrix`` chains, the
@@ -115,7 +145,7 @@ class JacobianOperator:
         tol = torch.finfo(self.x0.dtype).eps ** 0.5
         err = float(torch.linalg.vector_norm(a - b)) / max(float(torch.linalg.vector_norm(b)), 1e-300)
         if not err <= tol:
-            raise RuntimeError(f"torch.func.linearize disagrees with torch.func.jvp (relative error {err:.2e})")
+            raise RuntimeError(f"JVP mode {self.mode!r} disagrees with torch.func.jvp (relative error {err:.2e})")
 
     def jvp(self, u: Tensor) -> Tensor:
         """``J~ u``: ``u: (n,) -> (m,)``."""

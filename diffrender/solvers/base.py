@@ -337,7 +337,8 @@ class SecondOrderOptions(SolverOptions):
     eta: float = 0.1  # Nash-Sofer forcing; <= 0 disables it
     hutchinson_probes: int = 16  # VJPs per diag(J^T J) estimate when n > dense_threshold
     seed: int = 0  # seeds the Hutchinson probes (with the iteration number)
-    # "linearize", "jvp" (plain torch.func.jvp per product), "auto": linearize iff n > dense_threshold
+    # "transpose" (VJP of the reused VJP), "linearize", "jvp" (plain torch.func.jvp per product),
+    # "auto": transpose iff n > dense_threshold, else jvp (a few products: no graph to build)
     jvp_mode: str = "auto"
 
 
@@ -352,9 +353,9 @@ class SecondOrderSolver(Solver):
         if o.linear_solver not in ("auto", "dense", "cg"):
             raise ValueError(f"{type(self).__name__}: linear_solver must be 'auto', 'dense' or 'cg', "
                              f"got {o.linear_solver!r}")
-        if o.jvp_mode not in ("auto", "linearize", "jvp"):
-            raise ValueError(f"{type(self).__name__}: jvp_mode must be 'auto', 'linearize' or 'jvp', "
-                             f"got {o.jvp_mode!r}")
+        if o.jvp_mode not in ("auto", "transpose", "linearize", "jvp"):
+            raise ValueError(f"{type(self).__name__}: jvp_mode must be 'auto', 'transpose', 'linearize' or "
+                             f"'jvp', got {o.jvp_mode!r}")
         if o.hutchinson_probes < 1:
             raise ValueError(
                 f"{type(self).__name__}: hutchinson_probes must be >= 1, got {o.hutchinson_probes}")
@@ -372,8 +373,9 @@ class SecondOrderSolver(Solver):
         t = time.perf_counter()
         mode = self.options.jvp_mode
         n = problem.layout(state.x).n
-        use_lin = mode == "linearize" or (mode == "auto" and n > self.options.dense_threshold)
-        lin = problem.linearize(state.x, ws.ctx, use_linearize=use_lin)
+        if mode == "auto":
+            mode = "transpose" if n > self.options.dense_threshold else "jvp"
+        lin = problem.linearize(state.x, ws.ctx, jvp_mode=mode)
         op = lin.op
         g = op.vjp(lin.residual)
         dense = self.use_dense(op.n)
