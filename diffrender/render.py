@@ -19,7 +19,7 @@ from torch import Tensor
 from .camera import Camera
 from .mesh import Mesh, vertex_normals
 from .raster.coverage import Pairs, find_pairs
-from .raster.geometry import Triangles, face_table
+from .raster.geometry import Triangles, barycentrics, edge_functions, face_table
 from .raster.shading import Lights, Material, shade
 from .raster.soft import blend, coverage_logits, perspective_barycentrics, silhouette
 from .raster.texture import sample_bilinear
@@ -139,9 +139,8 @@ def render(verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs, settings:
     num_pixels = n * h * w
     xy, z = camera.project(verts)
     shaded = "depth" in outputs or "rgb" in outputs
-    rows = Triangles.gather(face_table(xy, z, faces.long())[0], pairs.view_face, with_depth=shaded)
-    bary, logits = coverage_logits(rows, pairs.px, pairs.py, settings.ndc_per_px(h, w), settings.sigma,
-                                   with_barycentrics=shaded)
+    table = face_table(xy, z, faces.long())[0]
+    logits = coverage_logits(table, pairs.view_face, pairs.px, pairs.py, settings.ndc_per_px(h, w), settings.sigma)
     result: dict[str, Tensor] = {}
     alpha = silhouette(logits, pairs.pixel, num_pixels)
     if "alpha" in outputs:
@@ -149,6 +148,8 @@ def render(verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs, settings:
     if not shaded:
         return result
 
+    rows = Triangles.gather(table, pairs.view_face)
+    bary = barycentrics(edge_functions(rows, pairs.px, pairs.py)[0], rows)
     bary_pc, depth = perspective_barycentrics(bary, rows.z)
     features = [depth.unsqueeze(-1)]
     if "rgb" in outputs:

@@ -12,18 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .geometry import Triangles, barycentrics, distance2, edge_functions, inside
+from .distance import GEO_WIDTH, signed_distance2
 
 
-def coverage_logits(rows: Triangles, px: Tensor, py: Tensor, ndc_per_px: float, sigma: float,
-                    with_barycentrics: bool = True) -> tuple[Tensor | None, Tensor]:
-    """Screen barycentrics (P, 3) (or None) and coverage logits x = δ d² / σ (P,): D = sigmoid(x)."""
-    edge, dx, dy = edge_functions(rows, px, py)
-    scale = ndc_per_px * ndc_per_px / sigma
-    # δ is piecewise constant; x is continuous across the edge (d² = 0 there) and so is its derivative.
-    signed_scale = torch.where(inside(edge, rows), scale, -scale).to(px.dtype)
-    bary = barycentrics(edge, rows) if with_barycentrics else None
-    return bary, distance2(rows, dx, dy) * signed_scale
+def coverage_logits(table: Tensor, index: Tensor, px: Tensor, py: Tensor, ndc_per_px: float,
+                    sigma: float) -> Tensor:
+    """Coverage logits x = δ d² / σ (P,) so that D = sigmoid(x), for the pairs (``table[index]``, pixel).
+
+    table: (N*F, 19) from ``face_table``; d is measured in NDC units. δ is piecewise constant and x is
+    continuous across the edge (d² = 0 there), and so is its derivative.
+    """
+    tail = table[:, GEO_WIDTH:].detach().index_select(0, index)
+    return signed_distance2(table[:, :GEO_WIDTH], index, px, py, tail[:, :3], tail[:, -1:],
+                            ndc_per_px * ndc_per_px / sigma)
 
 
 def silhouette(logits: Tensor, pixel: Tensor, num_pixels: int) -> Tensor:
