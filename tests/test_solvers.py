@@ -154,6 +154,24 @@ def test_callback_stop_time_limit_and_records():
     assert "Termination: CALLBACK" in report and "lambda" in report
 
 
+def test_prepare_runs_once_per_new_point():
+    calls = []
+
+    def prepare(x):
+        calls.append(x["x"].clone())
+        return x["x"].clone()
+
+    def residuals(x, ctx):
+        # ctx is the prepared copy of the current point: the residual may use it as a constant
+        return torch.stack([10 * (x["x"][1] - ctx[0] * x["x"][0]), 1 - x["x"][0]])
+
+    problem = Problem(residuals, prepare=prepare)
+    res = LevenbergMarquardt().solve(problem, {"x": torch.tensor([-1.2, 1.0], dtype=D)})
+    assert len(calls) == res.counters.residual_evals  # start point + one per trial point, none per product
+    assert not any(c.requires_grad for c in calls)
+    assert res.records[0].gradient_norm > 0  # iteration 0 reports the gradient at x0
+
+
 def test_block_weights_enter_the_cost():
     problem, x0 = _rosenbrock_many()
     z = x0["z"]

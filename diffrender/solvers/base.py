@@ -281,6 +281,8 @@ class Solver:
                 snap = problem.counters.snapshot()
                 ws.evaluated = None
                 rec, termination = self.iterate(problem, state, ws)
+                if len(records) == 1 and records[0].iteration == 0 and "gnorm" in ws.cache:
+                    records[0].gradient_norm = ws.cache["gnorm"]  # the first linearization was at x0
                 if ws.evaluated is not None and _finite(ws.evaluated[1]) and ws.evaluated[1] < best_cost:
                     best_x, best_cost = ws.evaluated
                 if rec is None:
