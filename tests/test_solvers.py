@@ -249,3 +249,6 @@ def test_options_are_flat_keywords_and_checked():
     solver = instantiate(cfg)
     assert isinstance(solver, LevenbergMarquardt)
     assert solver.options.max_iterations == 7 and solver.options.linear_solver == "cg"
+    assert solver.max_iterations == 7  # options also read as attributes
+    with pytest.raises(AttributeError):
+        _ = solver.no_such_option

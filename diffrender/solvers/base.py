@@ -204,6 +204,13 @@ class Solver:
         self.options = self.Options(**options)
         self.validate_options()
 
+    def __getattr__(self, name: str) -> Any:
+        """Options read as attributes too: ``solver.max_iterations``."""
+        options = self.__dict__.get("options")
+        if options is not None and name in {f.name for f in dataclasses.fields(options)}:
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
     # ---------------------------------------------------------------- hooks for subclasses
     def validate_options(self) -> None:
         o = self.options
