@@ -63,7 +63,7 @@ def blend(features: Tensor, logits: Tensor, depth: Tensor, pixel: Tensor, num_pi
     zt = (far - depth) / (far - near)
     zmax = torch.zeros(num_pixels, dtype=zt.dtype, device=zt.device)
     zmax = zmax.scatter_reduce(0, pixel, zt.detach(), reduce="amax", include_self=False)
-    w = torch.sigmoid(logits) * torch.exp((zt - zmax[pixel]) / gamma)
+    w = torch.sigmoid(logits) * torch.exp((zt - zmax.index_select(0, pixel)) / gamma)
     num = torch.zeros(num_pixels, features.shape[-1], dtype=features.dtype, device=features.device)
     num = num.index_add(0, pixel, w.unsqueeze(-1) * features)
     den = torch.zeros(num_pixels, dtype=w.dtype, device=w.device).index_add(0, pixel, w)
