@@ -50,7 +50,7 @@ class RendererConfig:
     sigma: float | None = None  # SoftRas blur in NDC² units (PyTorch3D's convention)
     gamma: float | None = None  # SoftRas depth temperature
     coarse_to_fine: bool | None = None  # run the scene's σ schedule (True) or only its final σ (False)
-    cull_backfaces: bool = True
+    cull_backfaces: bool = False  # SoftRas counts back faces; true: faster, for closed consistently wound meshes
     eps: float = 1e-4
     margin_px: float = 1.0
 

@@ -37,8 +37,12 @@ class BuildContext:
     root: Path = field(default_factory=Path.cwd)
 
     def path(self, p: str | Path) -> Path:
+        """Relative paths: the current directory first (the user's own data), then the project root
+        (the shipped assets)."""
         p = Path(p)
-        return p if p.is_absolute() else self.root / p
+        if p.is_absolute() or (Path.cwd() / p).exists():
+            return p.resolve() if not p.is_absolute() else p
+        return self.root / p
 
     def asset(self, p: str | Path) -> Path:
         """A required input file; UserError naming it when it is missing."""
@@ -103,7 +107,7 @@ def render_settings(sigma: float, gamma: float, ctx: BuildContext, **kw: Any) ->
     from diffrender.render import RenderSettings
 
     return RenderSettings(sigma=sigma, gamma=float(ctx.opt("gamma", gamma)),
-                          cull_backfaces=bool(ctx.renderer.get("cull_backfaces", True)),
+                          cull_backfaces=bool(ctx.renderer.get("cull_backfaces", False)),
                           eps=float(ctx.renderer.get("eps", 1e-4)),
                           margin_px=float(ctx.renderer.get("margin_px", 1.0)), **kw)
 
