@@ -94,16 +94,16 @@ def prepare(verts: Tensor, faces: Tensor, camera: Camera, settings: RenderSettin
 
 
 def _interpolate(values: Tensor, faces: Tensor, face_index: Tensor, weights: Tensor) -> Tensor:
-    """Σ_k weights[:, k] values[faces[face_index, k]]: (P, C) from per-vertex values (V, C).
+    """Σ_k weights[k] values[faces[face_index, k]]: (P, C) from per-vertex values (V, C).
 
-    values: (V, C); faces: (F, 3) indices into values; face_index: (P,); weights: (P, 3). The corners
+    values: (V, C); faces: (F, 3) indices into values; face_index: (P,); weights: (3, P). The corners
     are first laid out per face, (F, 3C), so each pair gathers one wide row: a wide gather and its
     backward scatter cost far less than three narrow ones. The sum is written as three products
     because a reduction over a size-3 axis is slow on CPU.
     """
     per_face = values[faces].reshape(faces.shape[0], -1)
     g = per_face.index_select(0, face_index).view(face_index.shape[0], 3, values.shape[-1]).unbind(1)
-    w = weights.unsqueeze(-1).unbind(1)
+    w = weights.unsqueeze(-1)
     return g[0] * w[0] + g[1] * w[1] + g[2] * w[2]
 
 

@@ -428,14 +428,14 @@ def test_fused_signed_distance_matches_plain_ops_in_both_modes():
     # Functions of the projected vertices (N, V, 2): a corner shared by two edges moves with both.
     def plain(xy):
         tri = Triangles.gather(face_table(xy, z, faces)[0], index)
-        dx, dy = px.unsqueeze(-1) - tri.sx, py.unsqueeze(-1) - tri.sy
+        dx, dy = px - tri.sx, py - tri.sy
         edge = tri.ex * dy - tri.ey * dx
         return distance2(tri, dx, dy) * torch.where(inside(edge, tri), 2.0, -2.0)
 
     def fused(xy):
         table = face_table(xy, z, faces)[0]
-        tail = table[:, 12:].detach().index_select(0, index)
-        return signed_distance2(table[:, :12], index, px, py, tail[:, :3], tail[:, -1:], 2.0)
+        tail = table[12:].detach().index_select(1, index)
+        return signed_distance2(table[:12], index, px, py, tail[:3], tail[-1:], 2.0)
 
     assert torch.allclose(fused(xy0), plain(xy0), atol=1e-12)
     assert torch.autograd.gradcheck(fused, (xy0.clone().requires_grad_(),), check_forward_ad=True)

@@ -65,7 +65,7 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
     valid = (z[:, faces].reshape(-1, 3) > near).all(-1) & (area2.abs() > tiny) & torch.isfinite(area2)
     if cull_backfaces:
         valid &= front_facing(area2)
-    vx, vy = xy[:, faces, 0].reshape(-1, 3), xy[:, faces, 1].reshape(-1, 3)
+    vx, vy = table[0:3].T, table[3:6].T  # edge starts run over all three corners
     # Pixel column j has its center at j + 0.5: columns within [xmin - r, xmax + r].
     c0 = torch.ceil(vx.amin(-1) - radius - 0.5).clamp(min=0)
     c1 = torch.floor(vx.amax(-1) + radius - 0.5).clamp(max=width - 1)

@@ -12,19 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .distance import GEO_WIDTH, signed_distance2
+from .distance import signed_distance2
+from .geometry import GEO_ROWS
 
 
 def coverage_logits(table: Tensor, index: Tensor, px: Tensor, py: Tensor, ndc_per_px: float,
                     sigma: float) -> Tensor:
     """Coverage logits x = δ d² / σ (P,) so that D = sigmoid(x), for the pairs (``table[index]``, pixel).
 
-    table: (N*F, 19) from ``face_table``; d is measured in NDC units. δ is piecewise constant and x is
+    table: (19, N*F) from ``face_table``; d is measured in NDC units. δ is piecewise constant and x is
     continuous across the edge (d² = 0 there), and so is its derivative.
     """
-    tail = table[:, GEO_WIDTH:].detach().index_select(0, index)
-    return signed_distance2(table[:, :GEO_WIDTH], index, px, py, tail[:, :3], tail[:, -1:],
-                            ndc_per_px * ndc_per_px / sigma)
+    inv_len2 = table[12:15].detach().index_select(1, index)
+    inv_area = table[18:].detach().index_select(1, index)
+    return signed_distance2(table[:GEO_ROWS], index, px, py, inv_len2, inv_area, ndc_per_px * ndc_per_px / sigma)
 
 
 def silhouette(logits: Tensor, pixel: Tensor, num_pixels: int) -> Tensor:
@@ -39,17 +40,18 @@ def silhouette(logits: Tensor, pixel: Tensor, num_pixels: int) -> Tensor:
 
 
 def perspective_barycentrics(bary: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """Perspective-correct barycentrics (P, 3) and depth (P,) from screen barycentrics and vertex depths.
+    """Perspective-correct barycentrics (3, P) and depth (P,) from screen barycentrics and vertex depths.
 
-    Outside the triangle (the soft halo) barycentrics are clamped to [0, ∞) and renormalized, so the
-    attributes of the nearest part of the face are used instead of extrapolations. Depth is
-    z = 1 / Σ_k (l_k / z_k) (screen-space interpolation of 1/z); the weights then are l_k z / z_k.
+    bary, z: (3, P). Outside the triangle (the soft halo) barycentrics are clamped to [0, ∞) and
+    renormalized, so the attributes of the nearest part of the face are used instead of
+    extrapolations. Depth is z = 1 / Σ_k (l_k / z_k) (screen-space interpolation of 1/z); the
+    weights then are l_k z / z_k.
     """
     lam = bary.clamp(min=0)
-    lam = lam / lam.sum(-1, keepdim=True)  # the sum is >= 1/3 since the raw weights add to 1
+    lam = lam / (lam[0] + lam[1] + lam[2])  # the sum is >= 1/3 since the raw weights add to 1
     w = lam / z
-    depth = 1 / w.sum(-1)
-    return w * depth.unsqueeze(-1), depth
+    depth = 1 / (w[0] + w[1] + w[2])
+    return w * depth, depth
 
 
 def blend(features: Tensor, logits: Tensor, depth: Tensor, pixel: Tensor, num_pixels: int,
