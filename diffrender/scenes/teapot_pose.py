@@ -25,6 +25,7 @@ from diffrender.scenes.base import (
     load_mesh,
     render_settings,
     sigma_stages,
+    stage_size,
     write_json,
 )
 
@@ -47,7 +48,7 @@ def pose_errors(eye, eye_true) -> dict[str, float]:
 def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule: list[float],
           coarse_to_fine: bool, gamma: float, fov_deg: float, target_distance: float,
           target_elevation_deg: float, target_azimuth_deg: float, start_eye: list[float],
-          ctx: BuildContext) -> Scene:
+          ctx: BuildContext, pyramid: bool = True) -> Scene:
     """Scene with parameters {"eye": (3,)}, one stage per σ of the schedule."""
     from diffrender import render as R
     from diffrender.camera import camera_from_look_at
@@ -61,38 +62,41 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     sigmas = sigma_stages(sigma, sigma_schedule, coarse_to_fine, ctx)
     final = render_settings(sigmas[-1], gamma, ctx)
 
-    def camera(eye):
-        return camera_from_look_at(eye[None], fov_deg=fov_deg, height=size, width=size)
+    # image pyramid: a stage with a wider blur runs at a lower resolution, (σ_final/σ)^¼ of the full size
+    sizes = [stage_size(size, s, sigmas[-1]) if pyramid else size for s in sigmas]
 
-    def render_alpha(eye, settings):
-        cam = camera(eye)
+    def camera(eye, sz=size):
+        return camera_from_look_at(eye[None], fov_deg=fov_deg, height=sz, width=sz)
+
+    def render_alpha(eye, settings, sz=size):
+        cam = camera(eye, sz)
         with torch.no_grad():
             pairs = R.prepare(verts, faces, cam, settings)
         return R.render(verts, faces, cam, pairs, settings)["alpha"]
 
-    key = dict(scene=name, mesh=file_key(ctx.asset(mesh)), size=size, sigmas=sigmas, gamma=final.gamma,
+    key = dict(scene=name, mesh=file_key(ctx.asset(mesh)), size=sizes, sigmas=sigmas, gamma=final.gamma,
                fov=fov_deg, eye=eye_true.tolist(), dtype=str(ctx.dtype), cull=final.cull_backfaces,
                eps=final.eps, margin=final.margin_px)
-    targets = cached(ctx, key, lambda: {f"alpha_{i}": render_alpha(eye_true, render_settings(s, gamma, ctx))
-                                        .detach() for i, s in enumerate(sigmas)})
+    targets = cached(ctx, key, lambda: {f"alpha_{i}": render_alpha(eye_true, render_settings(s, gamma, ctx), sz)
+                                        .detach() for i, (s, sz) in enumerate(zip(sigmas, sizes, strict=True))})
 
     def stage(i: int, s: float) -> Stage:
         settings = render_settings(s, gamma, ctx)
-        tgt = targets[f"alpha_{i}"]
+        tgt, sz = targets[f"alpha_{i}"], sizes[i]
 
         def make_problem(x: Params):
             from diffrender.problem import Problem
 
             def residuals(p, pairs):
-                alpha = R.render(verts, faces, camera(p["eye"]), pairs, settings, outputs=("alpha",))["alpha"]
+                alpha = R.render(verts, faces, camera(p["eye"], sz), pairs, settings, outputs=("alpha",))["alpha"]
                 return {"silhouette": alpha - tgt}
 
             return Problem(
                 residuals,
-                prepare=lambda p: R.prepare(verts, faces, camera(p["eye"]), settings),
+                prepare=lambda p: R.prepare(verts, faces, camera(p["eye"], sz), settings),
             )
 
-        return Stage(f"sigma={s:g}", ["eye"], make_problem)
+        return Stage(f"sigma={s:g} {sz}px", ["eye"], make_problem)
 
     target = {"alpha": targets[f"alpha_{len(sigmas) - 1}"]}
 

@@ -1,0 +1,161 @@
+"""Scene helpers: regularizer residuals, the Laplacian preconditioner, metrics, camera JSON, image reading."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffrender.config import UserError
+from diffrender.io import load_cameras_json, load_image_set, read_image, write_png
+from diffrender.mesh import icosphere
+from diffrender.scenes.base import chamfer, iou, psnr, stage_size
+from diffrender.scenes.regularizers import (
+    Topology,
+    edge_residual,
+    laplacian_preconditioner,
+    laplacian_residual,
+    normal_residual,
+)
+
+
+def test_topology_of_a_closed_mesh():
+    m = icosphere(1, dtype=torch.float64)
+    topo = Topology.of(m.faces, m.verts.shape[0])
+    V, F = m.verts.shape[0], m.faces.shape[0]
+    assert topo.edges.shape[0] == V + F - 2  # Euler, genus 0
+    assert topo.face_pairs.shape[0] == topo.edges.shape[0]  # every edge of a closed mesh joins two faces
+    assert int(topo.degree.sum()) == 2 * topo.edges.shape[0]
+    # each pair shares exactly two vertices
+    a, b = m.faces[topo.face_pairs[:, 0]], m.faces[topo.face_pairs[:, 1]]
+    shared = (a[:, :, None] == b[:, None, :]).any(-1).sum(-1)
+    assert bool((shared == 2).all())
+
+
+def test_regularizers_against_direct_formulas():
+    torch.manual_seed(0)
+    m = icosphere(1, dtype=torch.float64)
+    v = m.verts + 0.05 * torch.randn_like(m.verts)
+    topo = Topology.of(m.faces, v.shape[0])
+    # Laplacian: v_i - mean of neighbours, computed with a python loop
+    nbrs = {i: set() for i in range(v.shape[0])}
+    for f in m.faces.tolist():
+        for x in f:
+            nbrs[x].update(y for y in f if y != x)
+    ref = torch.stack([v[i] - v[sorted(nbrs[i])].mean(0) for i in range(v.shape[0])])
+    torch.testing.assert_close(laplacian_residual(v, topo), ref)
+    # scaling the mesh scales the Laplacian and edge residuals; a uniform sphere has near-equal edges
+    torch.testing.assert_close(laplacian_residual(2 * v, topo), 2 * ref)
+    e = edge_residual(v, topo)
+    assert abs(float(e.sum())) < 1e-10
+    # normal residual: |n_a - n_b|^2 = 2 (1 - cos angle between the adjacent faces)
+    r = normal_residual(v, m.faces, topo)
+    fa, fb = m.faces[topo.face_pairs[:, 0]], m.faces[topo.face_pairs[:, 1]]
+
+    def unit_normal(f):
+        n = torch.linalg.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
+        return n / n.norm(dim=1, keepdim=True)
+
+    cos = (unit_normal(fa) * unit_normal(fb)).sum(1)
+    torch.testing.assert_close((r * r).sum(1), 2 * (1 - cos))
+
+
+def test_regularizers_are_differentiable_in_both_modes():
+    m = icosphere(0, dtype=torch.float64)
+    topo = Topology.of(m.faces, m.verts.shape[0])
+    v = (m.verts + 0.03 * torch.randn_like(m.verts)).requires_grad_(True)
+    for fn in (lambda x: laplacian_residual(x, topo), lambda x: edge_residual(x, topo),
+               lambda x: normal_residual(x, m.faces, topo)):
+        assert torch.autograd.gradcheck(fn, (v,))
+        u = torch.randn_like(v)
+        _, jvp = torch.func.jvp(fn, (v.detach(),), (u,))
+        h = 1e-6
+        fd = (fn(v.detach() + h * u) - fn(v.detach() - h * u)) / (2 * h)
+        torch.testing.assert_close(jvp, fd, rtol=1e-5, atol=1e-7)
+
+
+def test_laplacian_preconditioner_solves_i_plus_lambda_l():
+    from types import SimpleNamespace
+
+    m = icosphere(1, dtype=torch.float64)
+    V = m.verts.shape[0]
+    topo = Topology.of(m.faces, V)
+    lam = 5.0
+    factory = laplacian_preconditioner(topo, V, lam, "offsets", torch.float64, torch.device("cpu"))
+    diag = torch.cat([torch.full((V * 3,), 2.0), torch.arange(1.0, 4.0, dtype=torch.float64)])
+    layout = SimpleNamespace(names=("offsets", "other"),
+                             split=lambda t: {"offsets": t[: V * 3].reshape(V, 3), "other": t[V * 3:]})
+    apply = factory(SimpleNamespace(jtj_diag=diag, damping=torch.zeros_like(diag), layout=layout))
+    v = torch.randn(V * 3 + 3, dtype=torch.float64)
+    out = apply(v)
+    # reference: L = D - A assembled from the faces here, M = 2 (I + λL) on each coordinate column
+    A = torch.zeros(V, V, dtype=torch.float64)
+    for f in m.faces.tolist():
+        for i in range(3):
+            a, b = f[i], f[(i + 1) % 3]
+            A[a, b] = A[b, a] = 1.0
+    M = 2.0 * (torch.eye(V, dtype=torch.float64) + lam * (torch.diag(A.sum(1)) - A))
+    torch.testing.assert_close(out[: V * 3].reshape(V, 3), torch.linalg.solve(M, v[: V * 3].reshape(V, 3)))
+    torch.testing.assert_close(out[V * 3:], v[V * 3:] / diag[V * 3:])  # Jacobi elsewhere
+
+
+def test_metrics_on_known_values():
+    a = torch.zeros(1, 4, 4)
+    b = torch.zeros(1, 4, 4)
+    a[0, :2] = 1.0  # 8 pixels
+    b[0, 1:3] = 1.0  # 8 pixels, 4 shared
+    assert iou(a, b) == pytest.approx(4 / 12)
+    assert psnr(torch.full((2, 2), 0.5), torch.full((2, 2), 0.6)) == pytest.approx(20.0)
+    p = torch.tensor([[0.0, 0, 0], [1, 0, 0]])
+    q = torch.tensor([[0.0, 0, 0]])
+    assert chamfer(p, q) == pytest.approx(0.5)  # (0 + 1)/2 one way, 0 the other
+    assert stage_size(64, 1e-2, 1e-4) == round(64 * 0.1 ** 0.5) and stage_size(64, 1e-4, 1e-4) == 64
+
+
+def test_cameras_json_both_forms_agree_and_errors_name_the_field(tmp_path):
+    eye = [0.5, 1.0, 2.5]
+    z = -np.asarray(eye) / np.linalg.norm(eye)
+    x = np.cross(z, [0, 1, 0])
+    x /= np.linalg.norm(x)
+    R = np.stack([x, np.cross(z, x), z])
+    t = -R @ np.asarray(eye)
+    base = {"width": 8, "height": 6, "fx": 10, "fy": 11, "cx": 4, "cy": 3}
+    views = [{"file": "a.png", **base, "R": R.tolist(), "t": t.tolist()}, {"file": "b.png", **base, "eye": eye}]
+    (tmp_path / "cameras.json").write_text(json.dumps({"views": views}))
+    cam, files, mesh = load_cameras_json(tmp_path / "cameras.json", dtype=torch.float64)
+    torch.testing.assert_close(cam.R[0], cam.R[1])
+    torch.testing.assert_close(cam.t[0], cam.t[1])
+    assert (cam.height, cam.width) == (6, 8) and files[1] == tmp_path / "b.png" and mesh is None
+    torch.testing.assert_close(cam.focal[0], torch.tensor([10.0, 11.0], dtype=torch.float64))
+    views[1]["fx"] = "ten"
+    (tmp_path / "cameras.json").write_text(json.dumps({"views": views}))
+    with pytest.raises(UserError, match=r"views\[1\]: field 'fx'"):
+        load_cameras_json(tmp_path / "cameras.json")
+    views[1]["fx"] = 10
+    views[0]["R"] = (2 * R).tolist()
+    (tmp_path / "cameras.json").write_text(json.dumps({"views": views}))
+    with pytest.raises(UserError, match="not a rotation"):
+        load_cameras_json(tmp_path / "cameras.json")
+
+
+def test_image_set_reads_alpha_and_checks_sizes(tmp_path):
+    img = np.zeros((6, 8, 4), np.float32)
+    img[2:4, 3:6] = [1.0, 0.5, 0.25, 1.0]
+    write_png(tmp_path / "a.png", img)
+    back = read_image(tmp_path / "a.png")
+    assert back.shape == (6, 8, 4) and np.abs(back - img).max() <= 0.5 / 255 + 1e-6
+    v = {"file": "a.png", "width": 8, "height": 6, "fx": 10, "fy": 10, "cx": 4, "cy": 3, "eye": [0, 0, 3]}
+    (tmp_path / "cameras.json").write_text(json.dumps({"views": [v]}))
+    s = load_image_set(tmp_path / "cameras.json")
+    assert s.alpha is not None and float(s.alpha.sum()) == 6.0 and s.rgb.shape == (1, 6, 8, 3)
+    v["width"] = 9
+    (tmp_path / "cameras.json").write_text(json.dumps({"views": [v]}))
+    with pytest.raises(UserError, match="a.png is 8x6"):
+        load_image_set(tmp_path / "cameras.json")
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(UserError, match="cannot read image"):
+        read_image(tmp_path / "bad.png")
+    assert math.isfinite(float(s.rgb.sum()))
