@@ -6,17 +6,20 @@
 
 Times are medians over --repeats runs after a warm-up. "prep" is the pair search (no gradients) that a
 solver pays once per new point; "fwd", "fwd+bwd", "jvp" and "vjp" are the differentiable render given
-the pairs, which a solver pays per product. Peak memory is the growth of the process's peak resident
-set during forward+backward on CPU (Linux /proc, reset through clear_refs), or
-torch.cuda.max_memory_allocated on CUDA.
+the pairs, which a solver pays per product. Peak memory is what one forward+backward adds on top of
+the scene and its pairs: torch.cuda.max_memory_allocated on CUDA; on CPU the growth of the peak
+resident set in a fresh process whose allocator returns large blocks at once (MALLOC_MMAP_THRESHOLD_),
+so that resident memory tracks live tensors (Linux /proc, peak reset through clear_refs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,7 +67,7 @@ def _rss_kb(field: str) -> int:
 
 
 def peak_memory_mb(fn, device: torch.device) -> float:
-    """Peak extra memory (MB) while running fn."""
+    """Peak extra memory (MB) while running fn, in this process (see the module docstring)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -79,8 +82,20 @@ def peak_memory_mb(fn, device: torch.device) -> float:
     return (_rss_kb("VmHWM:") - base) / 1024
 
 
-def bench_row(mesh: Mesh, mesh_name: str, size: int, views: int, mode: str, device: torch.device,
-              repeats: int) -> dict:
+def peak_in_subprocess(mesh: str, size: int, views: int, mode: str, threads: int) -> float:
+    """CPU peak memory of one row, measured in a fresh process (see the module docstring)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, __file__, "--peak-only", "--mesh", mesh, "--size", str(size), "--views", str(views),
+           "--mode", mode, "--device", "cpu", "--threads", str(threads)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return float("nan")
+
+
+def setup(mesh: Mesh, size: int, views: int, mode: str, device: torch.device):
+    """The scene of one row and its differentiable function f(verts, colors) -> image."""
     dtype = torch.float32
     verts = mesh.verts.to(device, dtype)
     faces = mesh.faces.to(device)
@@ -108,11 +123,21 @@ def bench_row(mesh: Mesh, mesh_name: str, size: int, views: int, mode: str, devi
         out = f(v_req, c_req)
         out.backward(torch.ones_like(out))
 
+    return verts, faces, colors, cam, settings, pairs, f, fwd_bwd
+
+
+def bench_row(mesh: Mesh, mesh_name: str, size: int, views: int, mode: str, device: torch.device,
+              repeats: int) -> dict:
+    verts, faces, colors, cam, settings, pairs, f, fwd_bwd = setup(mesh, size, views, mode, device)
+
     with torch.no_grad():
         fwd_ms = timed(lambda: f(verts, colors), device, repeats)
     fwd_bwd_ms = timed(fwd_bwd, device, repeats)
     prep_ms = timed(lambda: prepare(verts, faces, cam, settings), device, repeats)
-    peak = peak_memory_mb(fwd_bwd, device)
+    if device.type == "cuda":
+        peak = peak_memory_mb(fwd_bwd, device)
+    else:
+        peak = peak_in_subprocess(mesh_name, size, views, mode, torch.get_num_threads())
     u = (torch.randn_like(verts) * 1e-3, torch.randn_like(colors))
     _, jvp_fn = torch.func.linearize(f, verts, colors)
     jvp_ms = timed(lambda: jvp_fn(*u), device, repeats)
@@ -148,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", type=Path, help="also append the rows as JSON lines to this file")
+    p.add_argument("--peak-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -159,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.peak_only:  # internal: one row's CPU peak memory, measured in this fresh process
+        _, _, _, _, _, _, _, fwd_bwd = setup(MESHES[args.mesh[0]](), args.size[0], args.views[0], args.mode[0],
+                                             device)
+        print(peak_memory_mb(fwd_bwd, device))
+        return 0
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, float32, "
           f"sigma=1e-4, median of {args.repeats}")
