@@ -25,12 +25,11 @@ class Pairs:
     """The sparse (face, pixel) list of one render, valid for the geometry it was computed from.
 
     view_face: (P,) index ``view * F + face``; pixel: (P,) flat index ``view * H * W + row * W + col``;
-    verts: (P, 3) vertex indices of the face; face: (P,) face index; px, py: (P,) pixel centers.
+    face: (P,) face index; px, py: (P,) pixel centers. Pairs are sorted by view_face.
     """
 
     view_face: Tensor
     pixel: Tensor
-    verts: Tensor
     face: Tensor
     px: Tensor
     py: Tensor
@@ -73,9 +72,9 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
     r1 = torch.floor(vy.amax(-1) + radius - 0.5).clamp(max=height - 1)
     valid &= (c1 >= c0) & (r1 >= r0)
     vf = valid.nonzero().squeeze(1)
-    c0, r0 = c0[vf].long(), r0[vf].long()
-    ncols = c1[vf].long() - c0 + 1
-    counts = ncols * (r1[vf].long() - r0 + 1)
+    c0, r0 = c0.index_select(0, vf).long(), r0.index_select(0, vf).long()
+    ncols = c1.index_select(0, vf).long() - c0 + 1
+    counts = ncols * (r1.index_select(0, vf).long() - r0 + 1)
 
     # Split the faces into chunks of at most CHUNK candidates (a single larger face is its own chunk).
     ends = torch.cumsum(counts, 0)
@@ -84,31 +83,33 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
         done = int(ends[bounds[-1] - 1]) if bounds[-1] else 0
         bounds.append(max(int(torch.searchsorted(ends, done + CHUNK, right=True)), bounds[-1] + 1))
 
+    per_face = torch.stack([vf, c0, r0, ncols], 1)  # gathered once per candidate with one index_select
     keep_vf, keep_pix, keep_px, keep_py = [], [], [], []
     hw = height * width
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         cnt = counts[lo:hi]
-        local_vf = torch.repeat_interleave(torch.arange(lo, hi, device=xy.device), cnt)
+        local = torch.repeat_interleave(torch.arange(lo, hi, device=xy.device), cnt)
         first = torch.cumsum(cnt, 0) - cnt
         k = torch.arange(int(cnt.sum()), device=xy.device) - torch.repeat_interleave(first, cnt)
-        cols = c0[local_vf] + k % ncols[local_vf]
-        rows = r0[local_vf] + torch.div(k, ncols[local_vf], rounding_mode="floor")
-        g = vf[local_vf]
+        g, col0, row0, nc = per_face.index_select(0, local).unbind(1)
+        dr = torch.div(k, nc, rounding_mode="floor")
+        rows, cols = row0 + dr, col0 + (k - dr * nc)
         px = cols.to(xy.dtype) + 0.5
         py = rows.to(xy.dtype) + 0.5
         sub = Triangles.gather(table, g, with_depth=False)
         edge, dx, dy = edge_functions(sub, px, py)
-        keep = inside(edge, sub) | (distance2(sub, dx, dy) <= radius * radius)
-        keep_vf.append(g[keep])
-        keep_pix.append(torch.div(g[keep], f, rounding_mode="floor") * hw + rows[keep] * width + cols[keep])
-        keep_px.append(px[keep])
-        keep_py.append(py[keep])
+        keep = (inside(edge, sub) | (distance2(sub, dx, dy) <= radius * radius)).nonzero().squeeze(1)
+        g = g.index_select(0, keep)
+        keep_vf.append(g)
+        keep_pix.append(torch.div(g, f, rounding_mode="floor") * hw + rows.index_select(0, keep) * width
+                        + cols.index_select(0, keep))
+        keep_px.append(px.index_select(0, keep))
+        keep_py.append(py.index_select(0, keep))
 
     def cat(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
         return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=xy.device)
 
     view_face = cat(keep_vf, torch.long)
-    face = view_face % f
-    return Pairs(view_face=view_face, pixel=cat(keep_pix, torch.long), verts=faces[face], face=face,
+    return Pairs(view_face=view_face, pixel=cat(keep_pix, torch.long), face=view_face % f,
                  px=cat(keep_px, xy.dtype), py=cat(keep_py, xy.dtype), num_views=n, height=height,
                  width=width)
