@@ -94,7 +94,7 @@ class TeapotPoseConfig(SceneConfig):
     target_elevation_deg: float = 50.0
     target_azimuth_deg: float = 0.0
     start_eye: list[float] = field(default_factory=lambda: [3.0, 6.9, 2.5])
-    pyramid: bool = True  # coarse σ stages at lower resolution: size · (σ_final/σ)^¼
+    pyramid: bool = False  # coarse σ stages at lower resolution: size · (σ_final/σ)^¼
 
 
 @dataclass
@@ -174,13 +174,14 @@ def register_configs() -> None:
     """Register the schemas (idempotent) and the ``if_null`` resolver used by ``hydra.run.dir``."""
     cs = ConfigStore.instance()
     cs.store(name="fit_schema", node=FitConfig)
-    cs.store(group="device", name="device_schema", node=DeviceConfig)
-    cs.store(group="renderer", name="renderer_schema", node=RendererConfig)
-    cs.store(group="logging", name="logging_schema", node=LoggingConfig)
-    cs.store(group="scene", name="teapot_pose_schema", node=TeapotPoseConfig)
-    cs.store(group="scene", name="shape_schema", node=ShapeConfig)
-    cs.store(group="scene", name="lights_albedo_schema", node=LightsAlbedoConfig)
-    cs.store(group="scene", name="images_schema", node=ImagesConfig)
+    # group options name their schema as /schema/<group>/<name>@_here_ in their defaults list
+    cs.store(group="schema/device", name="device", node=DeviceConfig)
+    cs.store(group="schema/renderer", name="renderer", node=RendererConfig)
+    cs.store(group="schema/logging", name="logging", node=LoggingConfig)
+    cs.store(group="schema/scene", name="teapot_pose", node=TeapotPoseConfig)
+    cs.store(group="schema/scene", name="shape", node=ShapeConfig)
+    cs.store(group="schema/scene", name="lights_albedo", node=LightsAlbedoConfig)
+    cs.store(group="schema/scene", name="images", node=ImagesConfig)
     if not OmegaConf.has_resolver("if_null"):
         OmegaConf.register_new_resolver("if_null", _if_null)
 
