@@ -92,3 +92,15 @@ def test_solver_group_is_open_for_custom_targets():
     assert cfg.solver._target_ == "mypkg.MySolver" and cfg.solver.my_option == 3
     cfg = _compose(["solver._target_=mypkg.Other"])  # retarget the default lm config
     assert cfg.solver._target_ == "mypkg.Other"
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_solver_yaml_lists_every_constructor_option(solver):
+    """So that solver.<option>=... works for every option, and a typo'd one fails at compose time."""
+    import dataclasses
+
+    cfg = _compose([f"solver={solver}"])
+    keys = set(cfg.solver) - {"_target_"}
+    assert keys == {f.name for f in dataclasses.fields(SOLVERS[solver].Options)}
+    with pytest.raises(ConfigCompositionException):
+        _compose([f"solver={solver}", "solver.max_iteration=3"])

@@ -92,6 +92,29 @@ def test_resume_reproduces_the_uninterrupted_run(teapot_run, tmp_path):
     np.testing.assert_allclose(resumed, ref, rtol=0, atol=1e-6)
 
 
+def test_ctrl_c_stops_cleanly_and_writes_the_best_state(tmp_path):
+    import signal
+
+    env = {**os.environ, "CI": "true", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(FIT), f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+           *TEAPOT, "solver.max_iterations=500", "solver.function_tolerance=0", "solver.parameter_tolerance=0",
+           "solver.gradient_tolerance=0"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in p.stdout:
+        if "] it    3 " in line:  # a few iterations done: press Ctrl-C
+            p.send_signal(signal.SIGINT)
+            break
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    assert "interrupted: outputs written for the best state so far" in err and "Traceback" not in err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["interrupted"] and summary["termination"] == "interrupted" and 3 <= summary["iterations"] < 500
+    deg, _ = eye_errors(json.loads((tmp_path / "run" / "pose.json").read_text())["eye"])
+    assert deg < eye_errors([0.6, 2.6, 2.0])[0]  # the best state, not the start
+    assert (tmp_path / "run" / "final_strip.png").is_file()
+
+
 class MySolver:
     """A researcher's own solver: fixed-step gradient descent on the problem's cost."""
 
