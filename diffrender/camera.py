@@ -73,6 +73,18 @@ class Camera:
         xy = pc[..., :2] / z_safe.unsqueeze(-1) * self.focal.unsqueeze(-2) + self.principal.unsqueeze(-2)
         return xy, z
 
+    def backproject(self, depth: Tensor) -> Tensor:
+        """World points (N, H, W, 3) at camera depth ``depth: (N, H, W)`` along each pixel center's ray."""
+        dtype, device = self.focal.dtype, self.focal.device
+        y, x = torch.meshgrid(torch.arange(self.height, dtype=dtype, device=device) + 0.5,
+                              torch.arange(self.width, dtype=dtype, device=device) + 0.5, indexing="ij")
+        f = self.focal[:, None, None, :]
+        c = self.principal[:, None, None, :]
+        xy = (torch.stack([x, y], -1) - c) / f  # (N, H, W, 2): normalized image coordinates
+        cam = torch.cat([xy, torch.ones_like(xy[..., :1])], -1) * depth.unsqueeze(-1)
+        # x_world = Rᵀ (x_cam - t), written as a row-vector product per view.
+        return (cam - self.t[:, None, None, :]) @ self.R[:, None]
+
     def select(self, index: Tensor | Sequence[int] | slice) -> Camera:
         """A camera holding a subset of the views."""
         if not isinstance(index, slice):

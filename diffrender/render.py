@@ -117,8 +117,9 @@ def render(verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs, settings:
     texture (Ht, Wt, C) for a UV-mapped albedo; lights: shading (unlit albedo when None).
     Returns "alpha" (N, H, W) soft silhouette, "depth" (N, H, W) blended camera depth (0 where no
     face is near), and "rgb" (N, H, W, 3) color composited over the background with α. Shading is
-    deferred: albedo, position and normal are blended per pixel with the SoftRas weights, then lit
-    once per pixel (cheaper than lighting every pair; identical wherever one face dominates a pixel).
+    deferred: albedo and normal are blended per pixel with the SoftRas weights, then lit once per pixel
+    at the point of the pixel's ray at the blended depth (cheaper than lighting every pair; identical
+    wherever one face dominates a pixel).
     ``outputs`` picks a subset (default: all that the inputs allow); asking only for "alpha" skips
     depth and shading work.
     """
@@ -166,10 +167,11 @@ def render(verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs, settings:
     if "rgb" in outputs:
         color = blended[:, 1:4].reshape(n, h * w, 3)
         if lights is not None:
-            # Deferred shading: albedo, position and normal are blended per pixel, then lit once per pixel.
-            attrs = blended[:, 4:].reshape(n, h * w, 6)
-            color = shade(color, attrs[..., :3], attrs[..., 3:], camera.centers.unsqueeze(1), lights,
-                          material or Material())
+            # Deferred shading: albedo and normal are blended per pixel and lit once per pixel, at the
+            # point on the pixel's ray at the blended depth (cheaper than interpolating positions).
+            points = camera.backproject(blended[:, 0].reshape(n, h, w)).reshape(n, h * w, 3)
+            normals = blended[:, 4:7].reshape(n, h * w, 3)
+            color = shade(color, points, normals, camera.centers.unsqueeze(1), lights, material or Material())
         bg = torch.as_tensor(settings.background, dtype=blended.dtype, device=blended.device)
         a = alpha.reshape(n, h * w, 1)
         result["rgb"] = (a * color + (1 - a) * bg).reshape(n, h, w, 3)
@@ -179,19 +181,15 @@ def render(verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs, settings:
 def _surface_attributes(verts: Tensor, faces: Tensor, pairs: Pairs, bary_pc: Tensor, colors: Tensor | None,
                         uvs: Tensor | None, uv_faces: Tensor | None, texture: Tensor | None,
                         lit: bool) -> Tensor:
-    """Per-pair albedo (P, 3), followed by world position and normal (P, 6) when the scene is lit."""
-    if texture is not None:
-        uv = _interpolate(uvs, uv_faces.long(), pairs.face, bary_pc)
-        albedo = sample_bilinear(texture, uv)[:, :3]
-        if not lit:
-            return albedo
-        attrs = _interpolate(torch.cat([verts, vertex_normals(verts, faces.long())], -1), faces.long(), pairs.face,
-                             bary_pc)
-        return torch.cat([albedo, attrs], -1)
+    """Per-pair albedo (P, 3), followed by the interpolated vertex normal (P, 3) when the scene is lit."""
+    faces = faces.long()
+    normals = [vertex_normals(verts, faces)] if lit else []
+    if texture is None:
+        return _interpolate(torch.cat([colors, *normals], -1), faces, pairs.face, bary_pc)
+    albedo = sample_bilinear(texture, _interpolate(uvs, uv_faces.long(), pairs.face, bary_pc))[:, :3]
     if not lit:
-        return _interpolate(colors, faces.long(), pairs.face, bary_pc)
-    return _interpolate(torch.cat([colors, verts, vertex_normals(verts, faces.long())], -1), faces.long(), pairs.face,
-                       bary_pc)
+        return albedo
+    return torch.cat([albedo, _interpolate(normals[0], faces, pairs.face, bary_pc)], -1)
 
 
 def render_mesh(mesh: Mesh, camera: Camera, settings: RenderSettings | None = None, *,

@@ -106,3 +106,16 @@ def test_bad_camera_values():
         Camera(torch.eye(3)[None], torch.zeros(1, 3), torch.ones(1, 2), torch.ones(1, 2), 4, 4, near=1.0, far=0.5)
     with pytest.raises(ValueError, match="fov"):
         intrinsics_from_fov(180.0, 4, 4)
+
+
+def test_backproject_inverts_project():
+    torch.manual_seed(2)
+    cam = camera_from_look_at(torch.tensor([[0.5, 1.0, 3.0], [-2.0, 0.5, 1.0]], dtype=D), fov_deg=50,
+                              height=5, width=7)
+    depth = torch.rand(2, 5, 7, dtype=D) + 1
+    pts = cam.backproject(depth)
+    for n in range(2):
+        xy, z = cam.select([n]).project(pts[n].reshape(-1, 3))
+        ys, xs = torch.meshgrid(torch.arange(5, dtype=D) + 0.5, torch.arange(7, dtype=D) + 0.5, indexing="ij")
+        assert torch.allclose(xy[0], torch.stack([xs, ys], -1).reshape(-1, 2), atol=1e-10)
+        assert torch.allclose(z[0], depth[n].reshape(-1), atol=1e-12)
