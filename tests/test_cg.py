@@ -8,13 +8,7 @@ from diffrender.linalg import pcg
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: intra-op threads only add contention (10 ms per 4x4 op on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spd(n: int, cond: float, seed: int) -> torch.Tensor:

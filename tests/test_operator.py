@@ -12,13 +12,7 @@ from diffrender.problem import AxisAngleSO3, Cauchy, Huber, Problem, RobustLoss
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: intra-op threads only add contention (10 ms per 4x4 op on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fn(a: torch.Tensor, b: torch.Tensor):

@@ -13,13 +13,7 @@ from diffrender.solvers import Adam, GaussNewton, IterationRecord, LevenbergMarq
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: intra-op threads only add contention (10 ms per 4x4 op on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear(seed=0, m=12, n=5):
