@@ -94,7 +94,7 @@ class TeapotPoseConfig(SceneConfig):
     target_elevation_deg: float = 50.0
     target_azimuth_deg: float = 0.0
     start_eye: list[float] = field(default_factory=lambda: [3.0, 6.9, 2.5])
-    pyramid: bool = False  # coarse σ stages at lower resolution: size · (σ_final/σ)^¼
+    coarse_scale: float = 1.0  # image size of the coarse σ stages relative to image_size (image pyramid)
 
 
 @dataclass

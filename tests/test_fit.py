@@ -25,7 +25,8 @@ TRUE_EYE = np.array([0.0, 3 * math.sin(math.radians(50)), 3 * math.cos(math.radi
 
 
 def fit(tmp: Path, *overrides: str, run: str = "run", cache: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CI": "true", "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)])}
+    env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)])}
     cmd = [sys.executable, str(FIT), f"hydra.run.dir={tmp / run}", f"cache_dir={cache or tmp / 'cache'}",
            *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=300)

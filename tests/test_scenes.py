@@ -112,7 +112,7 @@ def test_metrics_on_known_values():
     p = torch.tensor([[0.0, 0, 0], [1, 0, 0]])
     q = torch.tensor([[0.0, 0, 0]])
     assert chamfer(p, q) == pytest.approx(0.5)  # (0 + 1)/2 one way, 0 the other
-    assert stage_size(64, 1e-2, 1e-4) == round(64 * 0.1 ** 0.5) and stage_size(64, 1e-4, 1e-4) == 64
+    assert stage_size(48, 2 / 3) == 32 and stage_size(48, 0.1) == 16 and stage_size(8, 0.5) == 8
 
 
 def test_cameras_json_both_forms_agree_and_errors_name_the_field(tmp_path):

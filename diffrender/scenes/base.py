@@ -103,10 +103,10 @@ def sigma_stages(sigma: float, schedule: list[float], coarse_to_fine: bool, ctx:
     return sched + [final]
 
 
-def stage_size(size: int, sigma: float, final_sigma: float, min_size: int = 16) -> int:
-    """Image size for a coarse stage: ``size · (σ_final/σ)^¼`` (at least ``min_size``). A wide blur carries
-    no fine detail, so the coarse stages run on fewer pixels and far fewer pixel-face pairs."""
-    return max(min(size, min_size), min(size, round(size * (final_sigma / sigma) ** 0.25)))
+def stage_size(size: int, scale: float, min_size: int = 16) -> int:
+    """Image size of a coarse (blurred) stage: ``scale · size``, at least ``min_size`` (or ``size`` if smaller).
+    A wide blur carries no fine detail, and fewer pixels mean far fewer pixel-face pairs."""
+    return max(min(size, min_size), min(size, round(size * scale)))
 
 
 def render_settings(sigma: float, gamma: float, ctx: BuildContext, **kw: Any) -> Any:

@@ -48,7 +48,7 @@ def pose_errors(eye, eye_true) -> dict[str, float]:
 def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule: list[float],
           coarse_to_fine: bool, gamma: float, fov_deg: float, target_distance: float,
           target_elevation_deg: float, target_azimuth_deg: float, start_eye: list[float],
-          ctx: BuildContext, pyramid: bool = False) -> Scene:
+          ctx: BuildContext, coarse_scale: float = 1.0) -> Scene:
     """Scene with parameters {"eye": (3,)}, one stage per σ of the schedule."""
     from diffrender import render as R
     from diffrender.camera import camera_from_look_at
@@ -62,8 +62,8 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     sigmas = sigma_stages(sigma, sigma_schedule, coarse_to_fine, ctx)
     final = render_settings(sigmas[-1], gamma, ctx)
 
-    # image pyramid: a stage with a wider blur runs at a lower resolution, (σ_final/σ)^¼ of the full size
-    sizes = [stage_size(size, s, sigmas[-1]) if pyramid else size for s in sigmas]
+    # image pyramid: the blurred stages carry no fine detail and run on coarse_scale x the final size
+    sizes = [stage_size(size, coarse_scale) for _ in sigmas[:-1]] + [size]
 
     def camera(eye, sz=size):
         return camera_from_look_at(eye[None], fov_deg=fov_deg, height=sz, width=sz)
