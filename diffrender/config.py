@@ -51,8 +51,8 @@ class RendererConfig:
     gamma: float | None = None  # SoftRas depth temperature
     coarse_to_fine: bool | None = None  # run the scene's σ schedule (True) or only its final σ (False)
     cull_backfaces: bool = False  # SoftRas counts back faces; true: faster, for closed consistently wound meshes
-    eps: float = 1e-4
-    margin_px: float = 1.0
+    eps: float | None = None  # coverage cutoff (null: the renderer's default)
+    margin_px: float | None = None  # extra pixels of pairs beyond the cutoff (null: the renderer's default)
 
 
 @dataclass
@@ -133,6 +133,7 @@ class LightsAlbedoConfig(SceneConfig):
     start_intensity: float = 0.5
     start_ambient: float = 0.5
     start_albedo: float = 0.5
+    w_smooth: float = 0.01  # weight of the albedo Laplacian (fills in vertices no view sees)
 
 
 @dataclass

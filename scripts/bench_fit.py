@@ -202,7 +202,8 @@ def main() -> None:
             adam = next(a for a in rows if a["scene"] == r["scene"] and a["solver"] == "adam")
             if r["seconds_to_target"] and adam["seconds_to_target"]:
                 speed = adam["seconds_to_target"] / r["seconds_to_target"]
-                print(f"{r['scene']}: LM reaches the target {speed:.1f}x faster than the best Adam (lr {adam['lr']:g})")
+                print(f"{r['scene']}: best Adam (lr {adam['lr']:g}) time to target / LM's = {speed:.2f} "
+                      f"(> 1: LM is faster)")
             else:
                 print(f"{r['scene']}: target reached by LM: {fmt(r['reached'])}, by Adam: {fmt(adam['reached'])}")
     plot(rows, args.plot)

@@ -112,10 +112,9 @@ def stage_size(size: int, scale: float, min_size: int = 16) -> int:
 def render_settings(sigma: float, gamma: float, ctx: BuildContext, **kw: Any) -> Any:
     from diffrender.render import RenderSettings
 
+    extra = {k: float(ctx.renderer[k]) for k in ("eps", "margin_px") if ctx.renderer.get(k) is not None}
     return RenderSettings(sigma=sigma, gamma=float(ctx.opt("gamma", gamma)),
-                          cull_backfaces=bool(ctx.renderer.get("cull_backfaces", False)),
-                          eps=float(ctx.renderer.get("eps", 1e-4)),
-                          margin_px=float(ctx.renderer.get("margin_px", 1.0)), **kw)
+                          cull_backfaces=bool(ctx.renderer.get("cull_backfaces", False)), **extra, **kw)
 
 
 def iou(alpha: Tensor, target: Tensor, threshold: float = 0.5) -> float:

@@ -27,6 +27,7 @@ from diffrender.scenes.base import (
     render_settings,
     write_json,
 )
+from diffrender.scenes.regularizers import Topology, laplacian_residual
 
 
 def vertex_albedo_from_texture(mesh) -> torch.Tensor:
@@ -47,7 +48,8 @@ def vertex_albedo_from_texture(mesh) -> torch.Tensor:
 def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule: list[float],
           coarse_to_fine: bool, gamma: float, fov_deg: float, views: int, distance: float, elevation_deg: float,
           light_dir: list[float], light_intensity: float, ambient: float, start_light_dir: list[float],
-          start_intensity: float, start_ambient: float, start_albedo: float, ctx: BuildContext) -> Scene:
+          start_intensity: float, start_ambient: float, start_albedo: float, ctx: BuildContext,
+          w_smooth: float = 0.01) -> Scene:
     from diffrender import render as R
     from diffrender.camera import camera_from_look_at, orbit_eyes
     from diffrender.mesh import Mesh, save_obj
@@ -62,6 +64,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     settings = render_settings(float(ctx.opt("sigma", sigma)), gamma, ctx)
     gt = {"light_dir": torch.tensor(light_dir, **kw), "intensity": torch.tensor([light_intensity], **kw),
           "ambient": torch.tensor([ambient], **kw), "albedo": vertex_albedo_from_texture(m)}
+    topo = Topology.of(faces, verts.shape[0])
     with torch.no_grad():
         pairs = R.prepare(verts, faces, cam, settings)  # geometry and cameras are fixed: pairs never change
 
@@ -95,9 +98,11 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
             # meets these once, so the image fit is unchanged and the scale-invariant metrics are unbiased
             gauge = torch.stack([(p["ambient"] + p["intensity"])[0] - gauge_sum,
                                  torch.sqrt((p["light_dir"] ** 2).sum() + 1e-12) - 1.0])
-            return {"color": rgb(p)["rgb"] - target["rgb"], "gauge": gauge}
+            # a weak uniform-Laplacian smoothness on the albedo fills in vertices no camera sees
+            return {"color": rgb(p)["rgb"] - target["rgb"], "gauge": gauge,
+                    "albedo_smooth": laplacian_residual(p["albedo"], topo)}
 
-        return Problem(residuals, weights={"gauge": 100.0})
+        return Problem(residuals, weights={"gauge": 100.0, "albedo_smooth": w_smooth})
 
     x0 = {"light_dir": torch.tensor(start_light_dir, **kw), "intensity": torch.tensor([start_intensity], **kw),
           "ambient": torch.tensor([start_ambient], **kw), "albedo": torch.full_like(verts, start_albedo)}
