@@ -40,11 +40,11 @@ SCENES = {
     "cow_shape": dict(overrides=["renderer.image_size=48", "scene.views=12", "scene.coarse_to_fine=false",
                                  "scene.color_stage=false", "scene.sigma=3e-4"],
                       full=["renderer.image_size=64", "scene.views=20"], second_order=30, adam=300, full_adam=2000,
-                      lrs=[0.003, 0.01, 0.03]),
+                      lrs=[0.003, 0.01]),
     "bunny_silhouette": dict(overrides=["renderer.image_size=48", "scene.views=12", "scene.coarse_to_fine=false",
                                         "scene.sigma=3e-4"],
                              full=["renderer.image_size=64", "scene.views=24"], second_order=30, adam=300,
-                             full_adam=2000, lrs=[0.003, 0.01, 0.03]),
+                             full_adam=2000, lrs=[0.003, 0.01]),
     "lights_albedo": dict(overrides=["renderer.image_size=48", "scene.views=4"], second_order=30, adam=300,
                           full_adam=2000, lrs=[0.01, 0.03, 0.1]),
 }
