@@ -446,3 +446,18 @@ def test_fused_signed_distance_matches_plain_ops_in_both_modes():
     _, vjp = torch.func.vjp(fused, xy0)
     assert torch.allclose(torch.func.vmap(vjp)(W)[0], torch.stack([torch.func.vjp(plain, xy0)[1](w)[0] for w in W]),
                           atol=1e-10)
+
+
+def test_blend_is_exact_when_coverage_underflows():
+    from diffrender.raster.soft import blend
+
+    # Pixel 0 and 2 only see pairs whose coverage D = sigmoid(x) underflows float32 (x = -95, -200):
+    # the normalized blend must still be the (depth-weighted) pair color, with finite derivatives.
+    logits = torch.tensor([-95.0, -60.0, -95.0, -200.0], requires_grad=True)
+    depth = torch.tensor([3.0, 3.0, 2.0, 3.0], requires_grad=True)
+    feat = torch.rand(4, 3, requires_grad=True)
+    out = blend(feat, logits, depth, torch.tensor([0, 1, 2, 2]), 3, 0.01, 100.0, 1e-4)
+    assert torch.allclose(out, feat[:3].detach())  # pixel 2: the nearer pair (depth 2) wins at γ = 1e-4
+    out.sum().backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(depth.grad).all()
+    assert torch.allclose(feat.grad, torch.tensor([[1.0] * 3, [1.0] * 3, [1.0] * 3, [0.0] * 3]))

@@ -58,14 +58,18 @@ def blend(features: Tensor, logits: Tensor, depth: Tensor, pixel: Tensor, num_pi
           near: float, far: float, gamma: float) -> Tensor:
     """SoftRas depth-aware softmax of per-pair features (P, C) into pixels (num_pixels, C).
 
-    Weights w_j = D_j exp(z̃_j / γ) with z̃ = (far - z) / (far - near). The per-pixel max of z̃ is
-    subtracted (detached) before exponentiating; the normalized blend Σ w_j c_j / Σ w_j is invariant
-    to that shift, so derivatives stay exact. The background is composited by the caller with α.
+    Weights w_j = D_j exp(z̃_j / γ) with z̃ = (far - z) / (far - near), computed in log space as
+    log w_j = log sigmoid(x_j) + z̃_j / γ. The per-pixel maximum of log w is subtracted (detached)
+    before exponentiating: the normalized blend Σ w_j c_j / Σ w_j is invariant to that shift, so
+    derivatives stay exact, and the largest weight of every pixel becomes 1, so the denominator never
+    underflows (a tiny denominator would square to zero in the derivative and give NaN). The
+    background is composited by the caller with α.
     """
     zt = (far - depth) / (far - near)
-    zmax = torch.zeros(num_pixels, dtype=zt.dtype, device=zt.device)
-    zmax = zmax.scatter_reduce(0, pixel, zt.detach(), reduce="amax", include_self=False)
-    w = torch.sigmoid(logits) * torch.exp((zt - zmax.index_select(0, pixel)) / gamma)
+    log_w = F.logsigmoid(logits) + zt / gamma
+    top = torch.zeros(num_pixels, dtype=log_w.dtype, device=log_w.device)
+    top = top.scatter_reduce(0, pixel, log_w.detach(), reduce="amax", include_self=False)
+    w = torch.exp(log_w - top.index_select(0, pixel))
     num = torch.zeros(num_pixels, features.shape[-1], dtype=features.dtype, device=features.device)
     num = num.index_add(0, pixel, w.unsqueeze(-1) * features)
     den = torch.zeros(num_pixels, dtype=w.dtype, device=w.device).index_add(0, pixel, w)
