@@ -40,6 +40,7 @@ class DeviceConfig:
 
     name: DeviceName = DeviceName.cpu
     dtype: DType = DType.float32
+    threads: int | None = None  # torch CPU threads (null: torch's default)
 
 
 @dataclass

@@ -74,6 +74,9 @@ def resolve_device(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but CUDA is not available in this torch build/machine; "
                         "use device=cpu or device=auto")
+    threads = cfg.device.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
     dtype = {"float32": torch.float32, "float64": torch.float64}[str(getattr(cfg.device.dtype, "value",
                                                                           cfg.device.dtype))]
     return torch.device(name), dtype
