@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from benchutil import median_ms, peak_mb  # noqa: E402
 from mgh_problems import PROBLEMS, best_lre, classify  # noqa: E402
 
 from diffrender.problem import Problem  # noqa: E402
@@ -145,45 +145,6 @@ class WarpProblem:
         return {"grid": torch.zeros(self.shape, dtype=self.u.dtype, device=self.u.device)}
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_ms(fn, device, repeats):
-    fn()
-    _sync(device)
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(out)
-
-
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    return 0
-
-
-def _peak_mb(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    except OSError:
-        return math.nan
-    base = _rss_kb("VmRSS:")
-    fn()
-    return (_rss_kb("VmHWM:") - base) / 1024
-
-
 def _sizes(quick: bool) -> tuple[int, int, int]:
     return (250, 25, 25) if quick else (1000, 50, 100)
 
@@ -207,7 +168,7 @@ def memory_worker(what: str, quick: bool, iterations: int, device: torch.device,
         LevenbergMarquardt(max_iterations=iterations, linear_solver="cg", max_cg_iterations=50,
                            jvp_mode=mode).solve(problem, x0)
 
-    print(json.dumps({"peak_mb": _peak_mb(fwd_bwd if what == "fwd_bwd" else lm, device)}))
+    print(json.dumps({"peak_mb": peak_mb(fwd_bwd if what == "fwd_bwd" else lm, device)}))
 
 
 def _measure_in_subprocess(what: str, quick: bool, iterations: int, device: torch.device, mode: str) -> float:
@@ -238,8 +199,8 @@ def bench_large(quick: bool, repeats: int, iterations: int, device: torch.device
         cost, _ = problem.cost(x, None)
         cost.backward()
 
-    res_ms = _median_ms(residual_eval, device, repeats)
-    fb_ms = _median_ms(fwd_bwd, device, repeats)
+    res_ms = median_ms(residual_eval, device, repeats)
+    fb_ms = median_ms(fwd_bwd, device, repeats)
     fb_mb = _measure_in_subprocess("fwd_bwd", quick, iterations, device, "transpose")
     mem_method = ("cuda max_memory_allocated" if device.type == "cuda"
                   else "peak RSS above the set-up RSS, fresh process per measurement")
@@ -252,9 +213,9 @@ def bench_large(quick: bool, repeats: int, iterations: int, device: torch.device
         lin = problem.linearize(x0, None, jvp_mode=mode)
         v = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
         lin.op.jtj(v)  # builds the JVP map outside the timed region
-        jvp_ms = _median_ms(lambda lin=lin, v=v: lin.op.jvp(v), device, repeats)
-        vjp_ms = _median_ms(lambda lin=lin: lin.op.vjp(lin.residual), device, repeats)
-        jtj_ms = _median_ms(lambda lin=lin, v=v: lin.op.jtj(v), device, repeats)
+        jvp_ms = median_ms(lambda lin=lin, v=v: lin.op.jvp(v), device, repeats)
+        vjp_ms = median_ms(lambda lin=lin: lin.op.vjp(lin.residual), device, repeats)
+        jtj_ms = median_ms(lambda lin=lin, v=v: lin.op.jtj(v), device, repeats)
         lin = None  # free the graphs
         lm_mb = _measure_in_subprocess("lm", quick, iterations, device, mode)
         solver = LevenbergMarquardt(max_iterations=iterations, linear_solver="cg", max_cg_iterations=50,
