@@ -18,16 +18,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchutil import median_ms, peak_mb  # noqa: E402
 
 from diffrender.camera import camera_from_look_at, orbit_eyes  # noqa: E402
 from diffrender.mesh import Mesh, icosphere, load_obj, normalize, subdivide  # noqa: E402
@@ -39,47 +39,6 @@ MESHES = {
     "spot": lambda: normalize(load_obj(ROOT / "assets" / "spot.obj")),
     "spot_sub": lambda: subdivide(normalize(load_obj(ROOT / "assets" / "spot.obj"))),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median wall time in ms of fn() over repeats runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    return 0
-
-
-def peak_memory_mb(fn, device: torch.device) -> float:
-    """Peak extra memory (MB) while running fn, in this process (see the module docstring)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    except OSError:
-        return float("nan")
-    base = _rss_kb("VmRSS:")
-    fn()
-    return (_rss_kb("VmHWM:") - base) / 1024
 
 
 def peak_in_subprocess(mesh: str, size: int, views: int, mode: str, threads: int) -> float:
@@ -131,19 +90,19 @@ def bench_row(mesh: Mesh, mesh_name: str, size: int, views: int, mode: str, devi
     verts, faces, colors, cam, settings, pairs, f, fwd_bwd = setup(mesh, size, views, mode, device)
 
     with torch.no_grad():
-        fwd_ms = timed(lambda: f(verts, colors), device, repeats)
-    fwd_bwd_ms = timed(fwd_bwd, device, repeats)
-    prep_ms = timed(lambda: prepare(verts, faces, cam, settings), device, repeats)
+        fwd_ms = median_ms(lambda: f(verts, colors), device, repeats)
+    fwd_bwd_ms = median_ms(fwd_bwd, device, repeats)
+    prep_ms = median_ms(lambda: prepare(verts, faces, cam, settings), device, repeats)
     if device.type == "cuda":
-        peak = peak_memory_mb(fwd_bwd, device)
+        peak = peak_mb(fwd_bwd, device)
     else:
         peak = peak_in_subprocess(mesh_name, size, views, mode, torch.get_num_threads())
     u = (torch.randn_like(verts) * 1e-3, torch.randn_like(colors))
     _, jvp_fn = torch.func.linearize(f, verts, colors)
-    jvp_ms = timed(lambda: jvp_fn(*u), device, repeats)
+    jvp_ms = median_ms(lambda: jvp_fn(*u), device, repeats)
     out, vjp_fn = torch.func.vjp(f, verts, colors)
     w = torch.randn_like(out)
-    vjp_ms = timed(lambda: vjp_fn(w), device, repeats)
+    vjp_ms = median_ms(lambda: vjp_fn(w), device, repeats)
     return dict(mesh=mesh_name, faces=int(faces.shape[0]), height=size, width=size, views=views, mode=mode,
                 pairs=len(pairs), prep_ms=prep_ms, fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, jvp_ms=jvp_ms, vjp_ms=vjp_ms,
                 ns_per_pair=fwd_bwd_ms * 1e6 / max(len(pairs), 1), peak_mb=peak, device=str(device),
@@ -188,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.peak_only:  # internal: one row's CPU peak memory, measured in this fresh process
         _, _, _, _, _, _, _, fwd_bwd = setup(MESHES[args.mesh[0]](), args.size[0], args.views[0], args.mode[0],
                                              device)
-        print(peak_memory_mb(fwd_bwd, device))
+        print(peak_mb(fwd_bwd, device))
         return 0
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, float32, "
