@@ -55,8 +55,8 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
                near: float, cull_backfaces: bool = True) -> Pairs:
     """All (face, pixel) pairs whose pixel center is inside the face or within ``radius`` pixels of it.
 
-    xy: (N, V, 2) pixel coordinates; z: (N, V) depths; faces: (F, 3). Faces with a vertex at or in
-    front of the near plane are dropped (not clipped), as are zero-area faces and, if asked, back faces.
+    xy: (N, V, 2) pixel coordinates; z: (N, V) depths; faces: (F, 3). Faces with a vertex at or nearer
+    than the near plane are dropped (not clipped), as are zero-area faces and, if asked, back faces.
     """
     n, f = xy.shape[0], faces.shape[0]
     table, area2 = face_table(xy, z, faces)
