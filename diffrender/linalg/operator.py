@@ -54,6 +54,12 @@ class Counters:
         )
 
 
+# Below this many columns, a loop of products is as fast as one vmapped pass, and it avoids vmap's
+# one-time cost: the first vmap over some functions (a custom autograd.Function's generated rule)
+# imports torch._dynamo, about a second per process.
+VMAP_MIN_COLUMNS = 8
+
+
 class JacobianOperator:
     """The Jacobian ``J = d fn / d x`` at ``x0: (n,)``, applied only through products.
 
@@ -132,18 +138,28 @@ class JacobianOperator:
         return torch.func.jvp(self.fn, (self.x0,), (u,))[1]
 
     def _check_linearized(self, jvp_fn: Callable[[Tensor], Tensor]) -> None:
-        """Compare one prebuilt product with ``torch.func.jvp`` on a fixed pseudo-random direction.
+        """Check one prebuilt product on a fixed pseudo-random direction.
 
         torch 2.13's ``linearize`` can return silently wrong products: its constant folding mixes up
         constants (e.g. axis-angle -> So3 -> log -> ``axis_angle_to_rotation_matrix`` chains, the
-        ``AxisAngleSO3`` manifold feeding a camera pose).  One check per linearization costs two products.
+        ``AxisAngleSO3`` manifold feeding a camera pose), so it is compared with ``torch.func.jvp``.
+        The transpose map is checked against the reused VJP by the adjoint identity <J u, w> = <u, Jᵀw>
+        instead: reverse mode only, because the first forward-mode product in a process costs about a
+        second of one-time set-up in torch.
         """
         gen = torch.Generator().manual_seed(12345)
         u = torch.randn(self.n, generator=gen).to(device=self.x0.device, dtype=self.x0.dtype)
         a = jvp_fn(u)
-        b = torch.func.jvp(self.fn, (self.x0,), (u,))[1]
         tol = torch.finfo(self.x0.dtype).eps ** 0.5
-        err = float(torch.linalg.vector_norm(a - b)) / max(float(torch.linalg.vector_norm(b)), 1e-300)
+        if self.mode == "transpose":
+            w = torch.randn(self.m, generator=gen).to(device=self.x0.device, dtype=self.x0.dtype)
+            jtw = self._vjp_fn(w)[0]
+            scale = float(torch.linalg.vector_norm(a)) * float(torch.linalg.vector_norm(w)) + \
+                float(torch.linalg.vector_norm(u)) * float(torch.linalg.vector_norm(jtw))
+            err = abs(float(a @ w) - float(u @ jtw)) / max(scale, 1e-300)
+        else:
+            b = torch.func.jvp(self.fn, (self.x0,), (u,))[1]
+            err = float(torch.linalg.vector_norm(a - b)) / max(float(torch.linalg.vector_norm(b)), 1e-300)
         if not err <= tol:
             raise RuntimeError(f"JVP mode {self.mode!r} disagrees with torch.func.jvp (relative error {err:.2e})")
 
@@ -169,9 +185,13 @@ class JacobianOperator:
         """The explicit ``J~: (m, n)`` from ``n`` JVPs (cached).  Only for small ``n``: ``m n`` memory."""
         if self._columns is None:
             eye = torch.eye(self.n, dtype=self.x0.dtype, device=self.x0.device)
-            try:  # one batched pass when the residual function supports vmap
-                cols = torch.func.vmap(self._raw_jvp)(eye).T
-            except Exception:  # noqa: BLE001 - not vmappable: one product per column
+            cols = None
+            if self.n > VMAP_MIN_COLUMNS:
+                try:  # one batched pass when the residual function supports vmap
+                    cols = torch.func.vmap(self._raw_jvp)(eye).T
+                except Exception:  # noqa: BLE001 - not vmappable: one product per column
+                    cols = None
+            if cols is None:
                 cols = torch.stack([self._raw_jvp(eye[i]) for i in range(self.n)], dim=1)
             self.counters.jvps += self.n
             self._columns = cols if self.row_scale is None else cols * self.row_scale[:, None]
