@@ -265,7 +265,7 @@ class Problem:
         self.preconditioner = preconditioner
         self.counters = Counters()
         self._failed_modes: set[str] = set()  # JVP modes that failed here: not tried again
-        self._checked_modes: set[str] = set()  # "transpose" is checked against jvp once per problem
+        self._checked_modes: set[str] = set()  # "transpose" is checked (adjoint identity) once per problem
         self.linearize_error: str | None = None
 
     # ------------------------------------------------------------------ layout
@@ -355,8 +355,9 @@ class Problem:
     def linearize(self, x: dict[str, Tensor], ctx: Any = None, *, jvp_mode: str = "transpose") -> Linearization:
         """Build the Jacobian operator of the whitened residuals at ``x`` (tangent ``delta = 0``).
 
-        ``fn(delta) = r(x (+) delta, ctx)`` is traced once by ``torch.func.linearize`` (JVPs) and once by
-        ``torch.func.vjp`` (VJPs); the per-residual weights and Triggs scalings are constants at ``x``.
+        ``fn(delta) = r(x (+) delta, ctx)`` is differentiated once by ``torch.func.vjp`` (reused for every
+        VJP, and transposed for JVPs in the default mode); the per-residual weights and Triggs scalings
+        are constants at ``x``.
         ``jvp_mode`` picks how JVPs are made (see :mod:`diffrender.linalg.operator`): ``"transpose"``
         (default: fast, memory ~ one forward+backward), ``"linearize"``, or ``"jvp"`` (plain
         ``torch.func.jvp``, best for a handful of products).  A mode that failed once is not retried.

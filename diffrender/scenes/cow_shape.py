@@ -67,11 +67,8 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
 
     def render_gt(settings, rgb: bool):
         with torch.no_grad():
-            pairs = R.prepare(gt.verts, gt.faces, cam, settings)
-            out = R.render(gt.verts, gt.faces, cam, pairs, settings, colors=gt.colors, uvs=gt.uvs,
-                           uv_faces=gt.uv_faces, texture=gt.texture, lights=lights if rgb else None,
-                           outputs=("alpha", "rgb") if rgb else ("alpha",))
-        return out
+            return R.render_mesh(gt, cam, settings, lights=lights if rgb else None,
+                                 outputs=("alpha", "rgb") if rgb else ("alpha",))
 
     def make_targets():
         out = {f"alpha_{i}": render_gt(render_settings(s, gamma, ctx), False)["alpha"] for i, s in enumerate(sigmas)}
