@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffrender.linalg.hessian import HessianOperator
 from diffrender.linalg.operator import Counters, JacobianOperator
 from diffrender.manifolds import AxisAngleSO3, Euclidean, Manifold
 
@@ -351,6 +352,38 @@ class Problem:
         total = sum(terms.values())
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
+    # ------------------------------------------------------------------ functions of the tangent
+    def tangent_point(self, x: dict[str, Tensor]) -> Callable[[Tensor], dict[str, Tensor]]:
+        """``delta: (n,) -> x (+) delta`` as a parameter dict, traceable by ``torch.func``."""
+        layout = self.layout(x)
+        x = {k: v.detach() for k, v in x.items()}
+        if not all(isinstance(m, Euclidean) for m in layout.manifolds):
+            return lambda delta: layout.retract(x, delta)
+
+        def at(delta: Tensor) -> dict[str, Tensor]:  # cheap path: no per-parameter manifold dispatch
+            xd, start = {}, 0
+            for name, size in zip(layout.names, layout.sizes, strict=True):
+                xd[name] = x[name] + delta[start : start + size].reshape(x[name].shape)
+                start += size
+            return xd
+
+        return at
+
+    def tangent_cost(self, x: dict[str, Tensor], ctx: Any = None) -> Callable[[Tensor], Tensor]:
+        """``delta: (n,) -> cost(x (+) delta)`` as a 0-d tensor with the weights and robust losses, traceable
+        by ``torch.func`` (``ctx`` fixed): the function whose Hessian Newton-type methods use."""
+        at = self.tangent_point(x)
+
+        def f(delta: Tensor) -> Tensor:
+            terms = self._cost_terms(self.residual_blocks(at(delta), ctx))
+            return torch.stack(list(terms.values())).sum()
+
+        return f
+
+    def hessian(self, x: dict[str, Tensor], ctx: Any = None) -> HessianOperator:
+        """The Hessian of the cost in the tangent space at ``x``, applied by products only."""
+        return HessianOperator(self.tangent_cost(x, ctx), self.layout(x).zeros(), counters=self.counters)
+
     # ------------------------------------------------------------------ linearization
     def linearize(self, x: dict[str, Tensor], ctx: Any = None, *, jvp_mode: str = "transpose") -> Linearization:
         """Build the Jacobian operator of the whitened residuals at ``x`` (tangent ``delta = 0``).
@@ -363,19 +396,11 @@ class Problem:
         ``torch.func.jvp``, best for a handful of products).  A mode that failed once is not retried.
         """
         layout = self.layout(x)
-        x = {k: v.detach() for k, v in x.items()}
-        euclid = all(isinstance(m, Euclidean) for m in layout.manifolds)
+        at = self.tangent_point(x)
         names: list[tuple[str, int]] = []
 
         def fn(delta: Tensor) -> Tensor:
-            if euclid:  # cheap path: no per-parameter manifold dispatch
-                xd, start = {}, 0
-                for name, size in zip(layout.names, layout.sizes, strict=True):
-                    xd[name] = x[name] + delta[start : start + size].reshape(x[name].shape)
-                    start += size
-            else:
-                xd = layout.retract(x, delta)
-            blocks = self.residual_blocks(xd, ctx)
+            blocks = self.residual_blocks(at(delta), ctx)
             if not names:
                 names.extend(self._block_vectors(blocks))
             return self._flat(blocks)

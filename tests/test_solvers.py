@@ -246,3 +246,14 @@ def test_options_are_flat_keywords_and_checked():
     assert solver.max_iterations == 7  # options also read as attributes
     with pytest.raises(AttributeError):
         _ = solver.no_such_option
+
+
+def test_a_list_of_callbacks_all_run_and_any_can_stop():
+    problem, x0 = _rosenbrock_many()
+    seen_a, seen_b = [], []
+    res = LevenbergMarquardt().solve(problem, x0, callback=[
+        lambda r, x, s: seen_a.append(r.iteration),
+        lambda r, x, s: seen_b.append(r.iteration) or r.iteration == 2,
+    ])
+    assert res.termination == "callback"
+    assert seen_a == seen_b == [0, 1, 2]

@@ -18,6 +18,7 @@ small ``n`` (dense path, ``m x n`` memory).  If the chosen mode fails, products 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,24 +35,21 @@ class Counters:
 
     ``residual_evals``: residual-function calls for cost evaluation; ``linearizations``: operator builds
     (each traces the residual function: one forward for the VJP, one more for ``linearize`` on first use);
-    ``jvps`` / ``vjps``: Jacobian products.
+    ``jvps`` / ``vjps``: Jacobian products; ``hvps``: Hessian-vector products of the cost.
     """
 
     residual_evals: int = 0
     linearizations: int = 0
     jvps: int = 0
     vjps: int = 0
+    hvps: int = 0
 
     def snapshot(self) -> Counters:
-        return Counters(self.residual_evals, self.linearizations, self.jvps, self.vjps)
+        return dataclasses.replace(self)
 
     def __sub__(self, other: Counters) -> Counters:
-        return Counters(
-            self.residual_evals - other.residual_evals,
-            self.linearizations - other.linearizations,
-            self.jvps - other.jvps,
-            self.vjps - other.vjps,
-        )
+        return Counters(**{f.name: getattr(self, f.name) - getattr(other, f.name)
+                           for f in dataclasses.fields(self)})
 
 
 # Below this many columns, a loop of products is as fast as one vmapped pass, and it avoids vmap's

@@ -3,6 +3,7 @@
 
 from diffrender.solvers.adam import Adam, AdamOptions
 from diffrender.solvers.base import (
+    CallbackList,
     IterationRecord,
     Result,
     SecondOrderOptions,
@@ -18,6 +19,7 @@ from diffrender.solvers.levenberg_marquardt import LevenbergMarquardt, Levenberg
 __all__ = [
     "Adam",
     "AdamOptions",
+    "CallbackList",
     "GaussNewton",
     "GaussNewtonOptions",
     "IterationRecord",

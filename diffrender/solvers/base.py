@@ -17,7 +17,7 @@ import dataclasses
 import math
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,7 +28,8 @@ from diffrender.linalg.cg import pcg
 from diffrender.linalg.operator import Counters
 from diffrender.problem import Linearization, PreconditionerInfo, Problem
 
-__all__ = ["Solver", "SolverOptions", "SolverState", "IterationRecord", "Result", "Workspace", "Callback"]
+__all__ = ["Solver", "SolverOptions", "SolverState", "IterationRecord", "Result", "Workspace", "Callback",
+           "CallbackList", "as_callback"]
 
 # termination reasons that mean "converged"
 CONVERGED = ("function_tolerance", "gradient_tolerance", "parameter_tolerance")
@@ -99,6 +100,28 @@ class Workspace:
 
 
 Callback = Callable[[IterationRecord, dict[str, Tensor], SolverState], "bool | None"]
+
+
+class CallbackList:
+    """Several callbacks behind the one-callable interface: each is called every iteration, in order, and
+    the solve stops when any of them returns True (so a logger still sees the iteration a stopper ends).
+    A plain callable, so it also serves solvers that take a single ``callback=``."""
+
+    def __init__(self, callbacks: Sequence[Callback | None] = ()) -> None:
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def __call__(self, record: IterationRecord, x: dict[str, Tensor], state: SolverState) -> bool:
+        stop = False
+        for cb in self.callbacks:
+            stop = bool(cb(record, x, state)) or stop
+        return stop
+
+
+def as_callback(callback: Callback | Sequence[Callback] | None) -> Callback | None:
+    """``None``, one callable, or a sequence of callables -> one callable (or ``None``)."""
+    if callback is None or callable(callback):
+        return callback
+    return CallbackList(list(callback))
 
 
 @dataclass
@@ -235,10 +258,14 @@ class Solver:
         self,
         problem: Problem,
         x0: dict[str, Tensor],
-        callback: Callback | None = None,
+        callback: Callback | Sequence[Callback] | None = None,
         state: SolverState | None = None,
     ) -> Result:
-        """Minimize ``problem``'s cost from ``x0`` (or resume from ``state``); never raises on a bad step."""
+        """Minimize ``problem``'s cost from ``x0`` (or resume from ``state``); never raises on a bad step.
+
+        ``callback(record, x, state)`` (or a list of them, see :class:`CallbackList`) is called after the
+        start point and after every iteration; returning True stops the solve."""
+        callback = as_callback(callback)
         o = self.options
         name = type(self).__name__
         start = time.perf_counter()
