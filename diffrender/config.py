@@ -1,21 +1,25 @@
 """Structured-config schemas for ``scripts/fit.py`` and their ConfigStore registration.
 
 Every YAML option under ``conf/`` names one of these dataclasses in its defaults list, so a typo'd key
-or a value of the wrong type fails when Hydra composes the config, before anything runs. Solvers are
-the exception on purpose: ``conf/solver/*.yaml`` carry a ``_target_`` and flat keyword options that
-are handed to ``hydra.utils.instantiate`` as they are, so a researcher's own solver class plugs in
-without a schema of ours (``solver._target_=mypkg.MySolver``); a wrong option there fails at
-instantiation with the class's own ``TypeError``, which the CLI reports in one line.
+or a value of the wrong type fails when Hydra composes the config, before anything runs. Our solvers'
+schemas are their options dataclasses (:mod:`diffrender.solvers.options`) plus ``_target_``, so their
+YAMLs list only what differs from the class defaults; ``conf/solver/custom.yaml`` has no schema on
+purpose: a researcher's own solver class plugs in with options of its own
+(``solver=custom solver._target_=mypkg.MySolver``), and a wrong option fails at instantiation with the
+class's own ``TypeError``, which the CLI reports in one line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+from diffrender.solvers.options import SOLVER_OPTIONS
 
 
 class UserError(ValueError):
@@ -168,6 +172,13 @@ class FitConfig:
     cache_dir: str = ".cache/diffrender"  # synthetic targets, keyed by a hash of the scene config
 
 
+def solver_schema(target: str, options: type) -> type:
+    """A schema for one of our solvers: its options dataclass plus ``_target_`` (the class to build), so that
+    ``solver.<option>=...`` works for every option while the YAML lists only what differs from the class."""
+    return dataclasses.make_dataclass(f"{options.__name__}Config", [("_target_", str, field(default=target))],
+                                      bases=(options,))
+
+
 def _if_null(value: Any, default: Any) -> Any:
     return default if value is None else value
 
@@ -184,6 +195,8 @@ def register_configs() -> None:
     cs.store(group="schema/scene", name="shape", node=ShapeConfig)
     cs.store(group="schema/scene", name="lights_albedo", node=LightsAlbedoConfig)
     cs.store(group="schema/scene", name="images", node=ImagesConfig)
+    for name, (target, options) in SOLVER_OPTIONS.items():
+        cs.store(group="schema/solver", name=name, node=solver_schema(target, options))
     if not OmegaConf.has_resolver("if_null"):
         OmegaConf.register_new_resolver("if_null", _if_null)
 

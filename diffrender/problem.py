@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -195,18 +195,52 @@ class Evaluation:
     block_costs: dict[str, float]
 
 
-@dataclass
+@dataclass(eq=False)
 class Linearization:
-    """Everything a second-order step needs at one point ``x``.
+    """Everything a second-order step needs at one point ``x``: a typed record, built once per point.
 
     ``op`` applies ``J~`` (whitened, robust-corrected Jacobian w.r.t. the tangent) by products only;
-    ``residual: (m,)`` is ``r~``, so the GN model is ``1/2 ||r~ + J~ delta||^2`` and the gradient of
-    the cost is ``J~^T r~``.
+    ``residual: (m,)`` is ``r~``, so the Gauss-Newton model is ``1/2 ||r~ + J~ delta||^2``. The gradient
+    ``J~^T r~`` (one VJP), the dense ``J~^T J~`` (``n`` JVPs, small ``n`` only) and the cost's exact
+    Hessian operator are computed on first use and kept; ``diagonal`` holds an estimate of
+    ``diag(J~^T J~)`` once a solver has made one (exact or Hutchinson, see the solvers).
     """
 
     op: JacobianOperator
     residual: Tensor
     evaluation: Evaluation
+    x: dict[str, Tensor] = field(default_factory=dict)
+    ctx: Any = None
+    problem: Problem | None = None
+    diagonal: Tensor | None = None
+    _gradient: Tensor | None = field(default=None, repr=False)
+    _dense: Tensor | None = field(default=None, repr=False)
+    _hessian: HessianOperator | None = field(default=None, repr=False)
+
+    @property
+    def cost(self) -> float:
+        return self.evaluation.cost
+
+    @property
+    def gradient(self) -> Tensor:
+        """``g = J~^T r~: (n,)``, the exact gradient of the (robust) cost."""
+        if self._gradient is None:
+            self._gradient = self.op.vjp(self.residual)
+        return self._gradient
+
+    def dense_jtj(self) -> Tensor:
+        """``J~^T J~: (n, n)`` assembled from ``n`` JVPs (cached)."""
+        if self._dense is None:
+            self._dense = self.op.dense_jtj()
+        return self._dense
+
+    def hessian(self) -> HessianOperator:
+        """The exact Hessian of the cost at ``x`` as an operator (forward-over-reverse products)."""
+        if self._hessian is None:
+            if self.problem is None:
+                raise ValueError("Linearization.hessian: this record was built without its problem")
+            self._hessian = self.problem.hessian(self.x, self.ctx)
+        return self._hessian
 
 
 @dataclass
@@ -435,7 +469,7 @@ class Problem:
         else:
             residual = raw
         op.on_linearize_failure = lambda err, mode=mode: self._remember_linearize_failure(mode, err)
-        return Linearization(op, residual, Evaluation(sum(terms.values()), terms))
+        return Linearization(op, residual, Evaluation(sum(terms.values()), terms), x=x, ctx=ctx, problem=self)
 
     def _remember_linearize_failure(self, mode: str, err: BaseException) -> None:
         self._failed_modes.add(mode)

@@ -13,12 +13,12 @@ from omegaconf import OmegaConf
 
 import diffrender.config  # noqa: F401  (registers the schemas)
 from diffrender.scenes.base import BuildContext
-from diffrender.solvers import Adam, GaussNewton, LevenbergMarquardt
+from diffrender.solvers import Adam, Dogleg, GaussNewton, LevenbergMarquardt, NewtonCG
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 SCENES = ["teapot_pose", "cow_shape", "bunny_silhouette", "lights_albedo", "images"]
-SOLVERS = {"lm": LevenbergMarquardt, "gn": GaussNewton, "adam": Adam}
+SOLVERS = {"lm": LevenbergMarquardt, "gn": GaussNewton, "dogleg": Dogleg, "newton_cg": NewtonCG, "adam": Adam}
 # tiny sizes so that building every scene (rendering its targets) stays fast
 TINY = {
     "teapot_pose": ["renderer.image_size=16", "renderer.coarse_to_fine=false"],
@@ -95,12 +95,24 @@ def test_solver_group_is_open_for_custom_targets():
 
 
 @pytest.mark.parametrize("solver", list(SOLVERS))
-def test_solver_yaml_lists_every_constructor_option(solver):
-    """So that solver.<option>=... works for every option, and a typo'd one fails at compose time."""
+def test_every_solver_option_is_settable_and_the_yaml_lists_only_real_differing_options(solver):
+    """solver.<option>=... works for every constructor option (the schema is the options dataclass), a
+    typo'd one fails at compose time, and the YAML itself names only real options set to non-defaults."""
     import dataclasses
 
+    import yaml
+
+    fields = {f.name: f.default for f in dataclasses.fields(SOLVERS[solver].Options)}
     cfg = _compose([f"solver={solver}"])
-    keys = set(cfg.solver) - {"_target_"}
-    assert keys == {f.name for f in dataclasses.fields(SOLVERS[solver].Options)}
+    assert set(cfg.solver) - {"_target_"} == set(fields)
+    assert instantiate(cfg.solver).__class__ is SOLVERS[solver]
+    some = sorted(fields)[len(fields) // 2]
+    value = fields[some]
+    flipped = (not value) if isinstance(value, bool) else value
+    assert _compose([f"solver={solver}", f"solver.{some}={flipped}"]).solver[some] == flipped
     with pytest.raises(ConfigCompositionException):
         _compose([f"solver={solver}", "solver.max_iteration=3"])
+    own = yaml.safe_load((ROOT / "conf" / "solver" / f"{solver}.yaml").read_text())
+    own = {k: v for k, v in own.items() if k != "defaults"}
+    assert set(own) <= set(fields), set(own) - set(fields)
+    assert all(own[k] != fields[k] for k in own), "the YAML repeats a class default"

@@ -36,6 +36,8 @@ def test_hvp_equals_autograd_hessian_and_central_differences_of_the_gradient():
     h = 1e-5
     fd = (grad(h * v) - grad(-h * v)) / (2 * h)
     torch.testing.assert_close(hess.hvp(v), fd, rtol=1e-7, atol=1e-9)
+    _, ref_hvp = torch.autograd.functional.hvp(f, torch.zeros(n, dtype=D), v)
+    torch.testing.assert_close(hess.hvp(v), ref_hvp, rtol=1e-10, atol=1e-12)
     # the gradient it carries is the cost's gradient, and the value the cost
     torch.testing.assert_close(hess.gradient, grad(torch.zeros(n, dtype=D)))
     assert abs(float(hess.value) - problem.evaluate(x).cost) < 1e-12

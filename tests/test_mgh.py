@@ -1,4 +1,5 @@
-"""Moré-Garbow-Hillstrom problems 1-19: our LM (dense and matrix-free CG paths) against MINPACK.
+"""Moré-Garbow-Hillstrom problems 1-19: our LM (dense and matrix-free CG paths), Dogleg and Newton-CG
+against MINPACK.
 
 Both run with MINPACK's default tolerances as scipy sets them (ftol = xtol = 1e-8; our gradient tolerance
 stays Ceres' 1e-10) and an iteration budget of 100 (n + 1).  A problem counts as solved when the final
@@ -13,7 +14,7 @@ import torch
 from mgh_problems import PROBLEMS, best_lre, classify
 
 from diffrender.problem import Problem
-from diffrender.solvers import LevenbergMarquardt
+from diffrender.solvers import Dogleg, LevenbergMarquardt, NewtonCG
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
 
@@ -21,10 +22,10 @@ scipy_optimize = pytest.importorskip("scipy.optimize")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _ours(p, linear_solver):
+def _ours(p, linear_solver, cls=LevenbergMarquardt):
     problem = Problem(lambda x, ctx: p.residual(x["x"]))
-    solver = LevenbergMarquardt(linear_solver=linear_solver, max_iterations=100 * (p.n + 1),
-                                function_tolerance=1e-8, parameter_tolerance=1e-8)
+    solver = cls(linear_solver=linear_solver, max_iterations=100 * (p.n + 1), function_tolerance=1e-8,
+                 parameter_tolerance=1e-8)
     res = solver.solve(problem, {"x": p.start()})
     return 2 * res.cost, res.counters.residual_evals
 
@@ -42,14 +43,16 @@ def table():
     for p in PROBLEMS:
         row = {"p": p}
         for key, run in [("dense", lambda p=p: _ours(p, "dense")), ("cg", lambda p=p: _ours(p, "cg")),
+                         ("dogleg", lambda p=p: _ours(p, "cg", Dogleg)),
+                         ("newton_cg", lambda p=p: _ours(p, "cg", NewtonCG)),
                          ("minpack", lambda p=p: _minpack(p))]:
             f, nfev = run()
             row[key] = (f, classify(p, f), best_lre(p, f), nfev)
         rows.append(row)
-    print("\n  #  problem               " + "".join(f"{k:>30s}" for k in ("LM dense", "LM cg", "MINPACK lm")))
+    keys = ("dense", "cg", "dogleg", "newton_cg", "minpack")
+    print("\n  #  problem               " + "".join(f"{k:>30s}" for k in keys))
     for row in rows:
-        cells = "".join(f"{row[k][0]:>12.5e} {row[k][1]:>6s} {row[k][2]:>4.1f} {row[k][3]:>5d}"
-                        for k in ("dense", "cg", "minpack"))
+        cells = "".join(f"{row[k][0]:>12.5e} {row[k][1]:>6s} {row[k][2]:>4.1f} {row[k][3]:>5d}" for k in keys)
         print(f" {row['p'].number:2d}  {row['p'].name:20s} {cells}")
     return rows
 
@@ -57,7 +60,7 @@ def table():
 def test_our_lm_solves_every_problem_minpack_solves(table):
     for row in table:
         p = row["p"]
-        for path in ("dense", "cg"):
+        for path in ("dense", "cg", "dogleg", "newton_cg"):
             f, kind, lre, _ = row[path]
             assert math.isfinite(f), (p.name, path)
             if row["minpack"][1] != "no":

@@ -10,28 +10,26 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 
 from diffrender.problem import Problem
-from diffrender.solvers.base import IterationRecord, Solver, SolverOptions, SolverState, Workspace
+from diffrender.solvers.base import Solver, Workspace
+from diffrender.solvers.options import AdamOptions
+from diffrender.solvers.records import IterationRecord, SolverState
 
 __all__ = ["Adam", "AdamOptions"]
 
 
 @dataclass
-class AdamOptions(SolverOptions):
-    """Adam's options; ``function_tolerance`` and ``parameter_tolerance`` default to off (0)."""
+class AdamWorkspace(Workspace):
+    """Adam's per-solve objects: the ``torch.optim.Adam`` instance and the leaf tensors it updates."""
 
-    max_iterations: int = 1000
-    lr: float = 1e-2
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    function_tolerance: float = 0.0
-    parameter_tolerance: float = 0.0
+    opt: torch.optim.Adam | None = None
+    params: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Adam(Solver):
@@ -39,28 +37,30 @@ class Adam(Solver):
 
     Options: ClassVar[type] = AdamOptions
 
-    def _optimizer(self, state: SolverState, ws: Workspace) -> torch.optim.Adam:
-        if "opt" not in ws.cache:
+    def make_workspace(self) -> AdamWorkspace:
+        return AdamWorkspace()
+
+    def _optimizer(self, state: SolverState, ws: AdamWorkspace) -> torch.optim.Adam:
+        if ws.opt is None:
             o = self.options
-            params = {k: v.detach().clone().requires_grad_(True) for k, v in state.x.items()}
-            opt = torch.optim.Adam(list(params.values()), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+            ws.params = {k: v.detach().clone().requires_grad_(True) for k, v in state.x.items()}
+            ws.opt = torch.optim.Adam(list(ws.params.values()), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
             if "adam" in state.extra:
-                opt.load_state_dict(state.extra["adam"])
-            ws.cache.update(opt=opt, params=params)
-        return ws.cache["opt"]
+                ws.opt.load_state_dict(state.extra["adam"])
+        return ws.opt
 
     def iterate(
-        self, problem: Problem, state: SolverState, ws: Workspace
+        self, problem: Problem, state: SolverState, ws: AdamWorkspace
     ) -> tuple[IterationRecord | None, str | None]:
         o = self.options
         opt = self._optimizer(state, ws)
-        params = ws.cache["params"]
+        params = ws.params
         ctx = problem.prepare_context(params)
         opt.zero_grad(set_to_none=True)
         cost, blocks = problem.cost(params, ctx)
         cost_value = float(cost.detach())
         if not math.isfinite(cost_value):
-            ws.cache["message"] = f"cost is not finite ({cost_value}) at iteration {state.iteration}"
+            ws.message = f"cost is not finite ({cost_value}) at iteration {state.iteration}"
             return None, "failure"
         cost.backward()
         problem.counters.vjps += 1
@@ -71,7 +71,7 @@ class Adam(Solver):
                               gradient_norm=gnorm, block_costs=blocks)
         previous = state.cost
         if gnorm <= o.gradient_tolerance:
-            ws.cache["message"] = f"max|gradient| = {gnorm:.3e} <= {o.gradient_tolerance:.1e}"
+            ws.message = f"max|gradient| = {gnorm:.3e} <= {o.gradient_tolerance:.1e}"
             state.cost = cost_value
             return rec, "gradient_tolerance"
         before = [p.detach().clone() for p in params.values()]
@@ -86,9 +86,9 @@ class Adam(Solver):
         state.extra["adam"] = copy.deepcopy(opt.state_dict())  # the live dict is mutated by step()
         if o.function_tolerance > 0 and math.isfinite(previous) and \
                 abs(previous - cost_value) <= o.function_tolerance * previous:
-            ws.cache["message"] = f"|cost_change| / cost <= {o.function_tolerance:.1e}"
+            ws.message = f"|cost_change| / cost <= {o.function_tolerance:.1e}"
             return rec, "function_tolerance"
         if o.parameter_tolerance > 0 and step <= o.parameter_tolerance * (x_norm + o.parameter_tolerance):
-            ws.cache["message"] = "|step| <= parameter_tolerance * (|x| + tol)"
+            ws.message = "|step| <= parameter_tolerance * (|x| + tol)"
             return rec, "parameter_tolerance"
         return rec, None

@@ -1,0 +1,176 @@
+"""Trust-region globalization by the gain ratio, with two ways of sizing the region.
+
+Each iteration asks the descent for a step within the current region, evaluates the cost there and
+compares the actual decrease with the model's, ``rho = (cost - cost_new) / predicted``: accept when
+``rho > min_relative_decrease``, and resize the region (Ceres' TrustRegionMinimizer; its
+TrustRegionStrategy's StepAccepted / StepRejected / invalid-step split is the policy below). A non-finite
+trial cost, a failed linear solve or a non-positive model decrease is a rejected step, never an exception;
+rejected steps reuse the linearization.
+
+Policies:
+
+* :class:`NielsenDamping` keeps a damping ``lambda`` (the radius is ``1/lambda``): Nielsen (1999), as
+  Ceres' Levenberg-Marquardt strategy: on accept ``lambda <- lambda max(1/3, 1 - (2 rho - 1)^3)``,
+  ``nu = 2``; on reject ``lambda <- lambda nu``, ``nu <- 2 nu``.
+* :class:`ClassicalRadius` keeps a radius ``Delta`` (the damping is ``1/Delta``): on ``rho < 1/4``
+  shrink to a fraction of the step's length, on ``rho > 3/4`` grow to ``max(Delta, 3 ||step||)``
+  (Ceres' dogleg strategy; Nocedal & Wright, Algorithm 4.1).
+
+The parameter tolerance stops the solve only on a tiny step that is also rejected: a tiny accepted step
+that still lowers the cost by more than ``function_tolerance`` is progress on badly scaled problems (MGH 4,
+Brown badly scaled). Ceres stops on any tiny step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+from diffrender.problem import Problem
+from diffrender.solvers.descent.base import Region, Step
+from diffrender.solvers.records import IterationRecord, SolverState
+from diffrender.solvers.search.base import Search
+
+if TYPE_CHECKING:
+    from diffrender.solvers.base import Workspace
+    from diffrender.solvers.loop import SecondOrderSolver
+
+__all__ = ["TrustRegion", "RegionPolicy", "NielsenDamping", "ClassicalRadius"]
+
+
+class RegionPolicy:
+    """How a trust region is sized: its state fields, the :class:`Region` it allows now, and its update
+    after an accepted step (with the gain ratio), a rejected one, or an invalid one (no usable step).
+    ``rejected`` returns a termination message when the region cannot shrink any further."""
+
+    def init(self, state: SolverState) -> None:
+        raise NotImplementedError
+
+    def region(self, state: SolverState) -> Region:
+        raise NotImplementedError
+
+    def accepted(self, state: SolverState, rho: float, step: Step) -> None:
+        raise NotImplementedError
+
+    def rejected(self, state: SolverState, step: Step) -> str | None:
+        raise NotImplementedError
+
+    def record(self, rec: IterationRecord, region: Region) -> None:
+        """Note the region used in the iteration record (``damping`` or ``radius`` column)."""
+
+
+class NielsenDamping(RegionPolicy):
+    """Nielsen's damping update in ``lambda`` form (Ceres' LM strategy: ``lambda = 1 / mu``)."""
+
+    def __init__(self, initial_damping: float = 1e-4, min_damping: float = 1e-16, max_damping: float = 1e32):
+        self.initial_damping, self.min_damping, self.max_damping = initial_damping, min_damping, max_damping
+
+    def init(self, state: SolverState) -> None:
+        state.damping = self.initial_damping
+        state.nu = 2.0
+
+    def region(self, state: SolverState) -> Region:
+        return Region(damping=state.damping, radius=1.0 / state.damping)
+
+    def accepted(self, state: SolverState, rho: float, step: Step) -> None:
+        factor = max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+        state.damping = max(self.min_damping, state.damping * factor)
+        state.nu = 2.0
+
+    def rejected(self, state: SolverState, step: Step) -> str | None:
+        state.damping *= state.nu
+        state.nu *= 2.0
+        if state.damping > self.max_damping:
+            return f"lambda = {state.damping:.3e} > max_damping = {self.max_damping:.1e}"
+        return None
+
+    def record(self, rec: IterationRecord, region: Region) -> None:
+        rec.damping = region.damping
+
+
+class ClassicalRadius(RegionPolicy):
+    """A radius in the descent's (scaled) norm: shrink on poor agreement, grow on good agreement."""
+
+    def __init__(self, initial_radius: float = 1e4, min_radius: float = 1e-32, max_radius: float = 1e16,
+                 decrease_threshold: float = 0.25, increase_threshold: float = 0.75):
+        self.initial_radius, self.min_radius, self.max_radius = initial_radius, min_radius, max_radius
+        self.decrease_threshold, self.increase_threshold = decrease_threshold, increase_threshold
+
+    def init(self, state: SolverState) -> None:
+        state.radius = self.initial_radius
+
+    def region(self, state: SolverState) -> Region:
+        return Region(damping=1.0 / state.radius, radius=state.radius)
+
+    def _length(self, state: SolverState, step: Step) -> float:
+        return min(state.radius, step.norm) if math.isfinite(step.norm) and step.norm > 0 else state.radius
+
+    def accepted(self, state: SolverState, rho: float, step: Step) -> None:
+        if rho < self.decrease_threshold:
+            state.radius = 0.5 * self._length(state, step)
+        elif rho > self.increase_threshold and math.isfinite(step.norm):
+            state.radius = min(self.max_radius, max(state.radius, 3.0 * step.norm))
+
+    def rejected(self, state: SolverState, step: Step) -> str | None:
+        state.radius = 0.25 * self._length(state, step)
+        if state.radius < self.min_radius:
+            return f"radius = {state.radius:.3e} < min_radius = {self.min_radius:.1e}"
+        return None
+
+    def record(self, rec: IterationRecord, region: Region) -> None:
+        rec.radius = region.radius
+
+
+class TrustRegion(Search):
+    """Gain-ratio trust region over any descent; ``policy`` sizes the region."""
+
+    def __init__(self, policy: RegionPolicy | None = None, min_relative_decrease: float = 1e-3) -> None:
+        self.policy = policy if policy is not None else NielsenDamping()
+        self.min_relative_decrease = min_relative_decrease
+
+    def init_state(self, state: SolverState) -> None:
+        self.policy.init(state)
+
+    def iterate(
+        self, loop: SecondOrderSolver, problem: Problem, state: SolverState, ws: Workspace
+    ) -> tuple[IterationRecord, str | None]:
+        assert ws.lin is not None
+        region = self.policy.region(state)
+        t = time.perf_counter()
+        step = loop.descent.step(loop, problem, state, ws, region)
+        ws.timings["linear_solve"] += time.perf_counter() - t
+        rec = IterationRecord(state.iteration + 1, state.cost, gradient_norm=loop.gradient_norm(ws.lin),
+                              cg_iterations=step.cg_iterations, accepted=False, block_costs=state.block_costs)
+        self.policy.record(rec, region)
+        if not step.valid:  # invalid step: a rejection (Ceres' HandleInvalidStep)
+            rec.cost_change, rec.rho = math.nan, math.nan
+            return rec, self._reject(state, ws, step)
+        delta, pred = step.delta, step.predicted
+        assert delta is not None
+        rec.step_norm = float(delta.norm())
+        tiny = loop.step_converged(problem, state, rec.step_norm)
+        trial = loop.evaluate_trial(problem, state, ws, delta)
+        change = state.cost - trial.cost
+        rec.cost_change = change
+        finite = math.isfinite(trial.cost)
+        rho = change / pred if finite else -math.inf
+        rec.rho = rho
+        termination = None
+        if finite and (msg := loop.function_converged(state.cost, change, pred)) is not None:
+            ws.message, termination = msg, "function_tolerance"
+        if finite and rho > self.min_relative_decrease:
+            loop.accept(state, ws, trial)
+            self.policy.accepted(state, rho, step)
+            rec.accepted, rec.cost, rec.block_costs = True, trial.cost, trial.block_costs
+            return rec, termination
+        if tiny is not None and termination is None:
+            ws.message, termination = tiny, "parameter_tolerance"
+        return rec, termination or self._reject(state, ws, step)
+
+    def _reject(self, state: SolverState, ws: Workspace, step: Step) -> str | None:
+        msg = self.policy.rejected(state, step)
+        if msg is not None:
+            ws.message = msg
+            return "min_trust_region"
+        return None

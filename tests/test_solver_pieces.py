@@ -1,0 +1,122 @@
+"""The solver pieces: dogleg steps, a custom descent in a few lines, the scale-invariant gradient test,
+and where the exact Hessian pays (large residuals at the optimum)."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffrender.problem import Problem
+from diffrender.solvers import Dogleg, GaussNewton, LevenbergMarquardt, NewtonCG, SecondOrderSolver, SolverState
+from diffrender.solvers.base import Workspace
+from diffrender.solvers.descent import Descent, Region, Step
+from diffrender.solvers.search import ClassicalRadius, TrustRegion
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mgh_problems import PROBLEMS  # noqa: E402
+
+D = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _exp_fit():
+    """A small nonlinear least-squares problem with a non-zero residual at the optimum."""
+    t = torch.linspace(0, 2, 9, dtype=D)
+    y = 1.5 * torch.exp(-0.7 * t) + 0.05 * torch.sin(7 * t)
+    return Problem(lambda x, ctx: x["a"] * torch.exp(-x["k"] * t) - y), \
+        {"a": torch.tensor([1.0], dtype=D), "k": torch.tensor([0.1], dtype=D)}
+
+
+def _linearized(solver, problem, x0):
+    state = SolverState(x=x0, cost=problem.evaluate(x0).cost)
+    ws = Workspace()
+    assert solver.linearize(problem, state, ws) is None
+    return state, ws
+
+
+@pytest.mark.parametrize("linear_solver", ["dense", "cg"])
+def test_dogleg_step_is_the_cut_cauchy_point_or_the_gauss_newton_point(linear_solver):
+    problem, x0 = _exp_fit()
+    solver = Dogleg(jacobi_scaling=False, linear_solver=linear_solver, cg_rtol=1e-14, eta=0.0)
+    state, ws = _linearized(solver, problem, x0)
+    g = ws.lin.gradient
+    small = 1e-3
+    step = solver.descent.step(solver, problem, state, ws, Region(1 / small, small))
+    torch.testing.assert_close(step.delta, -small * g / g.norm(), rtol=1e-12, atol=0)  # steepest descent, cut
+    assert step.on_boundary and math.isclose(step.norm, small, rel_tol=1e-12)
+    j = ws.lin.op.columns()
+    gn = torch.linalg.lstsq(j, -ws.lin.residual[:, None]).solution[:, 0]
+    step = solver.descent.step(solver, problem, state, ws, Region(1e-6, 1e6))
+    torch.testing.assert_close(step.delta, gn, rtol=1e-8, atol=1e-12)
+    assert not step.on_boundary
+    # in between, the step lies on the boundary and is predicted to decrease the model more than the cut
+    # Cauchy step of the same length would
+    mid = 0.5 * float(gn.norm())
+    step = solver.descent.step(solver, problem, state, ws, Region(1 / mid, mid))
+    assert math.isclose(float(step.delta.norm()), mid, rel_tol=1e-10)
+    cut = -mid * g / g.norm()
+    jc = j @ cut
+    assert step.predicted > -float(g @ cut + 0.5 * jc @ jc)
+
+
+class SteepestDescent(Descent):
+    """Steepest descent cut at the trust radius: the whole of a new descent."""
+
+    def step(self, loop, problem, state, ws, region):
+        g = ws.lin.gradient
+        delta = -min(region.radius / float(g.norm()), 1e3) * g
+        jd = ws.lin.op.jvp(delta)
+        return Step(delta, -float(g @ delta + 0.5 * jd @ jd), norm=float(delta.norm()))
+
+
+def test_a_custom_descent_is_one_small_class():
+    a = torch.tensor([[3.0, 1.0], [1.0, 2.0], [0.0, 1.0]], dtype=D)
+    b = torch.tensor([1.0, -1.0, 2.0], dtype=D)
+    problem = Problem(lambda x, ctx: a @ x["x"] - b)
+    solver = SecondOrderSolver(search=TrustRegion(ClassicalRadius(initial_radius=1.0)), descent=SteepestDescent(),
+                               max_iterations=500, function_tolerance=1e-15, parameter_tolerance=1e-14)
+    res = solver.solve(problem, {"x": torch.zeros(2, dtype=D)})
+    torch.testing.assert_close(res.x["x"], torch.linalg.lstsq(a, b[:, None]).solution[:, 0], rtol=1e-6, atol=1e-7)
+    assert res.converged and math.isfinite(res.records[-1].radius)
+
+
+def test_gradient_test_does_not_depend_on_the_residual_scale():
+    """Residuals scaled by 1e-6: the relative test takes exactly the unscaled iterations; an absolute one
+    stops within a few iterations, far from the minimum (max|g| = 1e-12 |g_unscaled| falls below 1e-10).
+    LM's floor on D^2 is lowered so that it does not clamp the scaled problem's diagonal."""
+    p = PROBLEMS[0]  # Rosenbrock
+    runs = {}
+    for scale in (1.0, 1e-6):
+        problem = Problem(lambda x, ctx, s=scale: s * p.residual(x["x"]))
+        for test in ("relative", "max_norm"):
+            runs[scale, test] = LevenbergMarquardt(gradient_test=test, linear_solver="dense", max_iterations=200,
+                                                  min_diagonal=1e-30) \
+                .solve(problem, {"x": p.start()})
+    ref, scaled = runs[1.0, "relative"], runs[1e-6, "relative"]
+    assert ref.converged and ref.iterations > 10
+    assert scaled.iterations == ref.iterations and scaled.termination == ref.termination
+    torch.testing.assert_close(scaled.x["x"], ref.x["x"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(scaled.x["x"], torch.ones(2, dtype=D), rtol=0, atol=1e-8)
+    absolute = runs[1e-6, "max_norm"]
+    assert absolute.termination == "gradient_tolerance" and absolute.iterations < ref.iterations / 2
+    assert float((absolute.x["x"] - 1).abs().max()) > 0.5
+
+
+def test_the_exact_hessian_pays_where_residuals_stay_large():
+    """Jennrich-Sampson (f* = 124.36) and Brown-Dennis (f* = 85822.2): Newton-CG converges in a few
+    iterations; Gauss-Newton's line search fails on the first, LM needs many times the iterations on the
+    second."""
+    js, bd = PROBLEMS[5], PROBLEMS[15]
+    out = {}
+    for p in (js, bd):
+        problem = Problem(lambda x, ctx, p=p: p.residual(x["x"]))
+        for cls in (NewtonCG, LevenbergMarquardt, GaussNewton):
+            out[p.number, cls.__name__] = cls(max_iterations=300, function_tolerance=1e-10).solve(
+                problem, {"x": p.start()})
+    for p in (js, bd):
+        res = out[p.number, "NewtonCG"]
+        assert math.isclose(2 * res.cost, p.f_star, rel_tol=1e-6), (p.name, 2 * res.cost)
+    assert out[js.number, "GaussNewton"].termination == "line_search_failure"
+    assert 3 * out[bd.number, "NewtonCG"].iterations < out[bd.number, "LevenbergMarquardt"].iterations
