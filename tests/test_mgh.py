@@ -7,6 +7,7 @@ sum of squares has >= 4 correct digits against a minimum MGH list (f <= 1e-10 wh
 """
 
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -75,3 +76,6 @@ def test_solved_counts_and_evaluations(table):
     minpack = sum(r["minpack"][1] != "no" for r in table)
     assert ours >= minpack
     assert ours == len(table)  # every problem reaches a listed minimum with the dense path
+    # residual evaluations: the dense path's median within 25 % of MINPACK's (19 against 18 when written)
+    med = {k: statistics.median(r[k][3] for r in table) for k in ("dense", "minpack")}
+    assert med["dense"] <= 1.25 * med["minpack"], med

@@ -97,16 +97,10 @@ class JacobianOperator:
         self.mode = mode
         self.check = check
         self.on_linearize_failure: Callable[[BaseException], None] | None = None
-        self.linearize_error: BaseException | None = None
         self._jvp_fn: Callable[[Tensor], Tensor] | None = None
         self._columns: Tensor | None = None
 
     # ------------------------------------------------------------------ raw products
-    @property
-    def use_linearize(self) -> bool:
-        """True while products come from a prebuilt map (``linearize`` or ``transpose``)."""
-        return self.mode != "jvp"
-
     def _build_transpose(self) -> Callable[[Tensor], Tensor]:
         # w -> J^T w is linear, so its VJP is u -> (J^T)^T u = J u, evaluated on the saved VJP graph.
         w0 = torch.zeros_like(self.value)
@@ -128,7 +122,6 @@ class JacobianOperator:
                 self._jvp_fn = jvp_fn
             except Exception as err:  # noqa: BLE001 - any tracing failure: fall back to plain jvp
                 self.mode = "jvp"
-                self.linearize_error = err
                 if self.on_linearize_failure is not None:
                     self.on_linearize_failure(err)
         if self._jvp_fn is not None:
@@ -159,7 +152,9 @@ class JacobianOperator:
             b = torch.func.jvp(self.fn, (self.x0,), (u,))[1]
             err = float(torch.linalg.vector_norm(a - b)) / max(float(torch.linalg.vector_norm(b)), 1e-300)
         if not err <= tol:
-            raise RuntimeError(f"JVP mode {self.mode!r} disagrees with torch.func.jvp (relative error {err:.2e})")
+            what = ("fails the adjoint identity <J u, w> = <u, J^T w>" if self.mode == "transpose"
+                    else "disagrees with torch.func.jvp")
+            raise RuntimeError(f"JVP mode {self.mode!r} {what} (relative error {err:.2e})")
 
     def jvp(self, u: Tensor) -> Tensor:
         """``J~ u``: ``u: (n,) -> (m,)``."""
