@@ -16,7 +16,7 @@ The solving wing never imports the renderer: a problem is any Python function of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +24,12 @@ import torch
 from torch import Tensor
 
 from diffrender.linalg.hessian import HessianOperator
-from diffrender.linalg.operator import Counters, JacobianOperator
+from diffrender.linalg.operator import Counters, JacobianOperator, StackedOperator
 from diffrender.manifolds import AxisAngleSO3, Euclidean, Manifold
 
 __all__ = [
     "Problem",
+    "TermContexts",
     "ParamLayout",
     "Evaluation",
     "Linearization",
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 ResidualFn = Callable[[dict[str, Tensor], Any], "Tensor | dict[str, Tensor]"]
+SINGLE_TERM = "residuals"  # the one term of a problem built from a single residual function
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ class Linearization:
     ``diag(J~^T J~)`` once a solver has made one (exact or Hutchinson, see the solvers).
     """
 
-    op: JacobianOperator
+    op: JacobianOperator | StackedOperator
     residual: Tensor
     evaluation: Evaluation
     x: dict[str, Tensor] = field(default_factory=dict)
@@ -267,30 +269,56 @@ returning ``None`` falls back to the Jacobi preconditioner."""
 # ----------------------------------------------------------------------------------------------------------
 # Problem
 # ----------------------------------------------------------------------------------------------------------
+class TermContexts(dict):
+    """Per-term prepared contexts (``term name -> ctx``), what :meth:`Problem.prepare_context` returns when
+    ``prepare`` is a mapping; with a single ``prepare`` every term gets the same context."""
+
+
 class Problem:
-    """A least-squares problem: residual function, manifolds, block weights, robust losses, hooks.
+    """A least-squares problem: residual terms, manifolds, block weights, robust losses, hooks.
 
     ``residuals(x, ctx)`` takes the parameter dict and the result of ``prepare(x)`` (``None`` when no
     ``prepare`` hook) and returns a tensor (one block named ``"residual"``) or a dict of named blocks of
     any shapes.  It must be traceable by ``torch.func`` in the parameters: anything data-dependent
     (integer index lists, sizes) belongs in ``prepare``, which runs under ``torch.no_grad`` once per
     linearization point and once per trial point.
+
+    ``residuals`` may also be a mapping of named *terms*, ``{name: fn(x, ctx)}``, whose blocks together
+    make the problem (block names unique across terms; a term returning a tensor names its block after
+    itself), with ``prepare`` one callable (its context shared by every term) or a mapping of per-term
+    hooks. Terms are evaluated and linearized separately, so that a solver can use a subset of them for
+    curvature (``sampled_terms``: those it may subsample; default all) and a scene can split work that is
+    large (views) into pieces.
     """
 
     def __init__(
         self,
-        residuals: ResidualFn,
+        residuals: ResidualFn | Mapping[str, ResidualFn],
         *,
-        prepare: Callable[[dict[str, Tensor]], Any] | None = None,
+        prepare: Callable[[dict[str, Tensor]], Any] | Mapping[str, Callable[[dict[str, Tensor]], Any]] | None = None,
         manifolds: dict[str, Manifold] | None = None,
         weights: dict[str, float] | None = None,
         losses: dict[str, RobustLoss] | None = None,
         preconditioner: PreconditionerFactory | None = None,
+        sampled_terms: Sequence[str] | None = None,
     ) -> None:
-        if not callable(residuals):
-            raise TypeError("Problem: residuals must be callable")
-        self.residuals = residuals
+        if callable(residuals):
+            self.terms: dict[str, ResidualFn] = {SINGLE_TERM: residuals}
+        elif isinstance(residuals, Mapping) and residuals and all(callable(f) for f in residuals.values()):
+            self.terms = dict(residuals)
+        else:
+            raise TypeError("Problem: residuals must be callable or a non-empty mapping of callables")
+        if isinstance(prepare, Mapping):
+            unknown = set(prepare) - set(self.terms)
+            if unknown:
+                raise ValueError(f"Problem: prepare given for unknown terms {sorted(unknown)}")
+        elif prepare is not None and not callable(prepare):
+            raise TypeError("Problem: prepare must be callable, a mapping of callables, or None")
         self.prepare = prepare
+        self.sampled_terms = list(self.terms) if sampled_terms is None else list(sampled_terms)
+        unknown = set(self.sampled_terms) - set(self.terms)
+        if unknown:
+            raise ValueError(f"Problem: sampled_terms names unknown terms {sorted(unknown)}")
         self.manifolds = dict(manifolds or {})
         self.weights = {k: float(v) for k, v in (weights or {}).items()}
         for k, w in self.weights.items():
@@ -302,6 +330,18 @@ class Problem:
         self._failed_modes: set[str] = set()  # JVP modes that failed here: not tried again
         self._checked_modes: set[str] = set()  # "transpose" is checked (adjoint identity) once per problem
         self.linearize_error: str | None = None
+
+    @property
+    def residuals(self) -> ResidualFn:
+        """The residual function: the single term's, or one that returns every term's blocks."""
+        if list(self.terms) == [SINGLE_TERM]:
+            return self.terms[SINGLE_TERM]
+        return self.residual_blocks
+
+    @residuals.setter
+    def residuals(self, fn: ResidualFn) -> None:
+        self.terms = {SINGLE_TERM: fn}
+        self.sampled_terms = [SINGLE_TERM]
 
     # ------------------------------------------------------------------ layout
     def layout(self, x: dict[str, Tensor]) -> ParamLayout:
@@ -331,26 +371,52 @@ class Problem:
         return ParamLayout(tuple(names), tuple(shapes), tuple(sizes), tuple(mans), first.dtype, first.device)
 
     # ------------------------------------------------------------------ evaluation
-    def prepare_context(self, x: dict[str, Tensor]) -> Any:
-        """Run the ``prepare`` hook without gradients (``None`` when there is none)."""
+    def _select(self, terms: Sequence[str] | None) -> list[str]:
+        if terms is None:
+            return list(self.terms)
+        unknown = [t for t in terms if t not in self.terms]
+        if unknown:
+            raise ValueError(f"Problem: unknown terms {unknown}")
+        return list(terms)
+
+    def prepare_context(self, x: dict[str, Tensor], terms: Sequence[str] | None = None) -> Any:
+        """Run the ``prepare`` hook(s) without gradients (``None`` when there is none); per-term hooks
+        give a :class:`TermContexts`, of the selected ``terms`` only."""
         if self.prepare is None:
             return None
+        xd = {k: v.detach() for k, v in x.items()}
         with torch.no_grad():
-            return self.prepare({k: v.detach() for k, v in x.items()})
+            if isinstance(self.prepare, Mapping):
+                return TermContexts({t: self.prepare[t](xd) for t in self._select(terms) if t in self.prepare})
+            return self.prepare(xd)
 
-    def residual_blocks(self, x: dict[str, Tensor], ctx: Any = None) -> dict[str, Tensor]:
-        """Call the user's residual function; always returns a dict of blocks."""
-        out = self.residuals(x, ctx)
+    def term_blocks(self, term: str, x: dict[str, Tensor], ctx: Any = None) -> dict[str, Tensor]:
+        """One term's residual blocks (its own context when ``ctx`` is per term)."""
+        out = self.terms[term](x, ctx.get(term) if isinstance(ctx, TermContexts) else ctx)
         if isinstance(out, Tensor):
-            out = {"residual": out}
+            out = {"residual" if term == SINGLE_TERM else term: out}
         if not isinstance(out, dict) or not out:
-            raise ValueError("Problem: residuals() must return a tensor or a non-empty dict of tensors")
-        for name in self.weights:
-            if name not in out:
-                raise ValueError(f"Problem: weight given for unknown residual block '{name}'")
-        for name in self.losses:
-            if name not in out:
-                raise ValueError(f"Problem: loss given for unknown residual block '{name}'")
+            raise ValueError(f"Problem: term '{term}' must return a tensor or a non-empty dict of tensors")
+        return out
+
+    def residual_blocks(self, x: dict[str, Tensor], ctx: Any = None,
+                        terms: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Call the residual function(s) of the selected terms (default all); always returns a dict of blocks."""
+        names = self._select(terms)
+        out: dict[str, Tensor] = {}
+        for term in names:
+            blocks = self.term_blocks(term, x, ctx)
+            clash = set(blocks) & set(out)
+            if clash:
+                raise ValueError(f"Problem: residual block names {sorted(clash)} appear in more than one term")
+            out.update(blocks)
+        if len(names) == len(self.terms):
+            for name in self.weights:
+                if name not in out:
+                    raise ValueError(f"Problem: weight given for unknown residual block '{name}'")
+            for name in self.losses:
+                if name not in out:
+                    raise ValueError(f"Problem: loss given for unknown residual block '{name}'")
         return out
 
     def _flat(self, blocks: dict[str, Tensor]) -> Tensor:
@@ -370,17 +436,18 @@ class Problem:
             out[name] = 0.5 * w * rho.sum()
         return out
 
-    def evaluate(self, x: dict[str, Tensor], ctx: Any = None) -> Evaluation:
+    def evaluate(self, x: dict[str, Tensor], ctx: Any = None, terms: Sequence[str] | None = None) -> Evaluation:
         """Cost and per-block costs at ``x`` without gradients (counts one residual evaluation)."""
         with torch.no_grad():
-            blocks = self.residual_blocks(x, ctx)
+            blocks = self.residual_blocks(x, ctx, terms)
             self.counters.residual_evals += 1
             terms = {k: float(v) for k, v in self._cost_terms(blocks).items()}
         return Evaluation(sum(terms.values()), terms)
 
-    def cost(self, x: dict[str, Tensor], ctx: Any = None) -> tuple[Tensor, dict[str, float]]:
+    def cost(self, x: dict[str, Tensor], ctx: Any = None,
+             terms: Sequence[str] | None = None) -> tuple[Tensor, dict[str, float]]:
         """Differentiable scalar cost at ``x`` and its per-block values (for first-order solvers)."""
-        blocks = self.residual_blocks(x, ctx)
+        blocks = self.residual_blocks(x, ctx, terms)
         self.counters.residual_evals += 1
         terms = self._cost_terms(blocks)
         total = sum(terms.values())
@@ -419,33 +486,55 @@ class Problem:
         return HessianOperator(self.tangent_cost(x, ctx), self.layout(x).zeros(), counters=self.counters)
 
     # ------------------------------------------------------------------ linearization
-    def linearize(self, x: dict[str, Tensor], ctx: Any = None, *, jvp_mode: str = "transpose") -> Linearization:
+    def linearize(self, x: dict[str, Tensor], ctx: Any = None, *, jvp_mode: str = "transpose",
+                  terms: Sequence[str] | None = None) -> Linearization:
         """Build the Jacobian operator of the whitened residuals at ``x`` (tangent ``delta = 0``).
 
         ``fn(delta) = r(x (+) delta, ctx)`` is differentiated once by ``torch.func.vjp`` (reused for every
         VJP, and transposed for JVPs in the default mode); the per-residual weights and Triggs scalings
-        are constants at ``x``.
+        are constants at ``x``. With several terms, each gets its own operator and the result stacks them
+        (:class:`~diffrender.linalg.operator.StackedOperator`).
         ``jvp_mode`` picks how JVPs are made (see :mod:`diffrender.linalg.operator`): ``"transpose"``
         (default: fast, memory ~ one forward+backward), ``"linearize"``, or ``"jvp"`` (plain
         ``torch.func.jvp``, best for a handful of products).  A mode that failed once is not retried.
         """
         layout = self.layout(x)
         at = self.tangent_point(x)
+        names = self._select(terms)
+        single = len(names) == 1
+        ops: dict[str, JacobianOperator] = {}
+        residuals, costs = [], {}
+        for term in names:
+            op, residual, term_costs = self._linearize_term(term, at, layout, ctx, jvp_mode,
+                                                            self.counters if single else Counters())
+            ops[term] = op
+            residuals.append(residual)
+            costs.update(term_costs)
+        if single:
+            op_all: JacobianOperator | StackedOperator = ops[names[0]]
+            residual = residuals[0]
+        else:
+            op_all = StackedOperator(ops, counters=self.counters)
+            residual = torch.cat(residuals)
+        return Linearization(op_all, residual, Evaluation(sum(costs.values()), costs), x=x, ctx=ctx, problem=self)
+
+    def _linearize_term(self, term: str, at: Callable[[Tensor], dict[str, Tensor]], layout: ParamLayout, ctx: Any,
+                        jvp_mode: str, counters: Counters) -> tuple[JacobianOperator, Tensor, dict[str, float]]:
         names: list[tuple[str, int]] = []
 
         def fn(delta: Tensor) -> Tensor:
-            blocks = self.residual_blocks(at(delta), ctx)
+            blocks = self.term_blocks(term, at(delta), ctx)
             if not names:
                 names.extend(self._block_vectors(blocks))
             return self._flat(blocks)
 
         mode = "jvp" if jvp_mode in self._failed_modes else jvp_mode
-        op = JacobianOperator(fn, layout.zeros(), counters=self.counters, mode=mode,
+        op = JacobianOperator(fn, layout.zeros(), counters=counters, mode=mode,
                               check=mode not in self._checked_modes)
         if mode == "transpose":
             self._checked_modes.add(mode)
         raw = op.value
-        res_scale, jac_scale, terms = [], [], {}
+        res_scale, jac_scale, costs = [], [], {}
         start = 0
         for name, size in names:
             r = raw[start : start + size]
@@ -459,7 +548,7 @@ class Problem:
             else:
                 rho, rs, js = triggs_scales(r, loss)
                 rs, js = rs * sw, js * sw
-            terms[name] = float(0.5 * w * rho.sum())
+            costs[name] = float(0.5 * w * rho.sum())
             res_scale.append(rs)
             jac_scale.append(js)
         all_unit = all(self.weights.get(n, 1.0) == 1.0 and n not in self.losses for n, _ in names)
@@ -469,7 +558,7 @@ class Problem:
         else:
             residual = raw
         op.on_linearize_failure = lambda err, mode=mode: self._remember_linearize_failure(mode, err)
-        return Linearization(op, residual, Evaluation(sum(terms.values()), terms), x=x, ctx=ctx, problem=self)
+        return op, residual, costs
 
     def _remember_linearize_failure(self, mode: str, err: BaseException) -> None:
         self._failed_modes.add(mode)

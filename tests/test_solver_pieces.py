@@ -120,3 +120,42 @@ def test_the_exact_hessian_pays_where_residuals_stay_large():
         assert math.isclose(2 * res.cost, p.f_star, rel_tol=1e-6), (p.name, 2 * res.cost)
     assert out[js.number, "GaussNewton"].termination == "line_search_failure"
     assert 3 * out[bd.number, "NewtonCG"].iterations < out[bd.number, "LevenbergMarquardt"].iterations
+
+
+def _many_terms(n_terms=6, m=40, n=8, seed=0):
+    """A nonlinear problem whose residuals come in several terms (like views), plus a regularizer term."""
+    g = torch.Generator().manual_seed(seed)
+    mats = [torch.randn(m, n, generator=g, dtype=D) / math.sqrt(n) for _ in range(n_terms)]
+    true = torch.randn(n, generator=g, dtype=D)
+    obs = [torch.tanh(a @ true) + 0.01 * torch.randn(m, generator=g, dtype=D) for a in mats]
+    terms = {f"view{i}": (lambda x, ctx, a=a, y=y: torch.tanh(a @ x["x"]) - y) for i, (a, y) in
+             enumerate(zip(mats, obs, strict=True))}
+    terms["reg"] = lambda x, ctx: 0.01 * x["x"]
+    one = lambda x, ctx: {k: f(x, ctx) for k, f in terms.items()}  # noqa: E731  (the same, as one term)
+    return terms, one, {"x": torch.zeros(n, dtype=D)}
+
+
+def test_terms_stack_into_the_same_problem():
+    terms, one, x0 = _many_terms()
+    split, whole = Problem(terms), Problem(one)
+    x = {"x": torch.linspace(-0.5, 0.5, 8, dtype=D)}
+    assert math.isclose(split.evaluate(x).cost, whole.evaluate(x).cost, rel_tol=1e-14)
+    ls, lw = split.linearize(x), whole.linearize(x)
+    v = torch.randn(8, dtype=D, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ls.gradient, lw.gradient)
+    torch.testing.assert_close(ls.op.jtj(v), lw.op.jtj(v))
+    torch.testing.assert_close(ls.op.jvp(v), lw.op.jvp(v))
+    torch.testing.assert_close(ls.op.dense_jtj(), lw.op.dense_jtj())
+
+
+def test_subsampled_curvature_converges_to_the_full_curvature_minimum():
+    """Only the Gauss-Newton model is subsampled (2 of 6 terms per iteration, scaled by 3); the gradient
+    and the cost are exact, so LM reaches the same minimum, in more iterations."""
+    terms, _, x0 = _many_terms()
+    problem = Problem(terms, sampled_terms=[t for t in terms if t != "reg"])
+    opts = dict(linear_solver="cg", max_iterations=200, function_tolerance=1e-14, gradient_tolerance=1e-12)
+    full = LevenbergMarquardt(**opts).solve(problem, x0)
+    sub = LevenbergMarquardt(curvature_subsample=1 / 3, **opts).solve(problem, x0)
+    assert full.converged and sub.converged
+    torch.testing.assert_close(sub.x["x"], full.x["x"], rtol=1e-6, atol=1e-8)
+    assert math.isclose(sub.cost, full.cost, rel_tol=1e-10)

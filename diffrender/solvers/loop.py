@@ -14,11 +14,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from diffrender.linalg.operator import StackedOperator
 from diffrender.problem import Linearization, Problem
 from diffrender.solvers.base import Solver, Workspace
 from diffrender.solvers.descent.base import Descent
@@ -71,6 +73,8 @@ class SecondOrderSolver(Solver):
             if getattr(o, key) not in allowed:
                 raise ValueError(f"{name}: {key} must be one of {', '.join(map(repr, allowed))}, "
                                  f"got {getattr(o, key)!r}")
+        if not 0.0 < o.curvature_subsample <= 1.0:
+            raise ValueError(f"{name}: curvature_subsample must be in (0, 1], got {o.curvature_subsample}")
         if o.hutchinson_probes < 1:
             raise ValueError(f"{name}: hutchinson_probes must be >= 1, got {o.hutchinson_probes}")
 
@@ -128,6 +132,28 @@ class SecondOrderSolver(Solver):
                 lin.diagonal = lin.op.diag_hutchinson(o.hutchinson_probes, gen)
             ws.timings["linearize"] += time.perf_counter() - t
         return lin.diagonal
+
+    def curvature(self, problem: Problem, state: SolverState, ws: Workspace) -> Callable[[Tensor], Tensor]:
+        """``v -> J~^T J~ v`` for CG: exact, or over a rotating subset of the sampled terms scaled by
+        ``|sampled| / |subset|`` (``curvature_subsample < 1``), the other terms always included."""
+        op = ws.lin.op
+        frac = self.options.curvature_subsample
+        if frac >= 1.0 or not isinstance(op, StackedOperator):
+            return op.jtj
+        sampled = [t for t in problem.sampled_terms if t in op.ops]
+        fixed = [t for t in op.ops if t not in sampled]
+        if not sampled:
+            return op.jtj
+        k = max(1, math.ceil(frac * len(sampled)))
+        first = (state.linearized_at * k) % len(sampled)
+        chosen = [sampled[(first + i) % len(sampled)] for i in range(k)]
+        scale = len(sampled) / k
+
+        def matvec(v: Tensor) -> Tensor:
+            out = scale * op.jtj(v, chosen)
+            return out + op.jtj(v, fixed) if fixed else out
+
+        return matvec
 
     @staticmethod
     def gradient_norm(lin: Linearization) -> float:

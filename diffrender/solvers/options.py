@@ -55,6 +55,10 @@ class SecondOrderOptions(SolverOptions):
     # the Gauss-Newton model decrease of a CG step from one extra JVP (True) or from CG's own recurrences,
     # -Q(delta) + 1/2 delta^T (lambda D^2) delta, at no cost (False)
     exact_model_decrease: bool = False
+    # CG's J^T J products over this fraction of the problem's sampled terms (e.g. one term per view), a
+    # different subset at each linearization, scaled to stay unbiased; the gradient and the cost always use
+    # every term (Byrd, Chin, Neveitt & Nocedal 2011). 1: exact curvature. No effect on single-term problems.
+    curvature_subsample: float = 1.0
 
 
 @dataclass

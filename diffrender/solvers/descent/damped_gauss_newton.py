@@ -65,7 +65,8 @@ class DampedGaussNewton(Descent):
             diag = loop.diagonal(state, ws)
             pre = problem.make_preconditioner(PreconditionerInfo(state.x, ws.ctx, problem.layout(state.x),
                                                                  diag, damping))
-            sol = solve_spd(-g, matvec=lambda v: op.jtj(v) + damping * v, precond=pre or jacobi(diag + damping),
+            jtj = loop.curvature(problem, state, ws)
+            sol = solve_spd(-g, matvec=lambda v: jtj(v) + damping * v, precond=pre or jacobi(diag + damping),
                             max_iterations=o.max_cg_iterations, rtol=o.cg_rtol, eta=o.eta if o.eta > 0 else None)
             delta = sol.x
             if o.exact_model_decrease:
