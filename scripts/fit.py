@@ -88,9 +88,10 @@ def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) 
             raise UserError(f"resume= continues the saved run with its saved config and cannot change {key} "
                             f"(a resume may change {', '.join(RESUME_SAFE)}.*); start a new run instead")
         value = OmegaConf.select(cfg, key)
-        OmegaConf.update(out, key, OmegaConf.to_container(value) if isinstance(value, DictConfig) else value,
-                         force_add=True)
-        applied[key] = OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
+        value = OmegaConf.to_container(value, enum_to_str=True) if isinstance(value, DictConfig) else value
+        if OmegaConf.select(out, key, default=None) != value:  # record what changes, not what is repeated
+            OmegaConf.update(out, key, value, force_add=True)
+            applied[key] = value
     if "stop_after" not in applied:
         out.stop_after = None  # a stop_after of the first run has done its job
     out.resume = str(cfg.resume)
@@ -301,6 +302,7 @@ class FitProgress:
     history: list[dict[str, Any]] = field(default_factory=list)
     solver_seconds: float = 0.0
     stop_requested: bool = False
+    last_iteration: int = -1  # the stage's last iteration the callbacks saw
 
     def due(self, every: int) -> bool:
         """Every ``every`` steps (0: never); the start point of a later stage repeats the step before it."""
@@ -316,6 +318,7 @@ class Track:
     def __call__(self, record: Any, x: dict[str, Any], state: Any = None) -> bool:
         p = self.p
         p.start_point = getattr(record, "iteration", None) == 0  # the solver reports x0 as iteration 0
+        p.last_iteration = getattr(record, "iteration", p.last_iteration)
         if not p.start_point:
             p.step += 1
             p.stage_iterations[p.stage] += 1
@@ -479,6 +482,17 @@ class Fit:
                 Stop(p, None if self.cfg.stop_after is None else int(self.cfg.stop_after)),
                 Checkpoint(p, int(lc.checkpoint_every), self.save_checkpoint)]
 
+    def report_unseen(self, result: Any, cbs: list[Callable[..., bool]]) -> None:
+        """Records the solver did not pass to the callbacks (the iteration that met a tolerance ends the
+        solve before its callback) go through bookkeeping, metrics and logging, so that counts, history
+        and TensorBoard hold every iteration."""
+        st = getattr(result, "state", None)
+        x = getattr(st, "x", None) or result.x
+        for rec in getattr(result, "records", None) or []:
+            if getattr(rec, "iteration", -1) > self.p.last_iteration:
+                for cb in cbs:
+                    cb(rec, x, st)
+
     # -------------------------------------------------------------- the run
     def run(self) -> dict[str, Any]:
         from diffrender.logging import ProgressBar, progress_enabled
@@ -527,12 +541,14 @@ class Fit:
                 if state is not None and i == start_stage:
                     xs = {k: v.to(self.device, self.dtype) for k, v in state.x.items()}
                     kw["state"] = state
+                p.last_iteration = getattr(kw.get("state"), "iteration", -1)
                 self._stage_t0 = time.perf_counter()
                 try:
                     result = solver.solve(problem, xs, callback=cb, **kw)
                 finally:
                     self.solve_seconds += time.perf_counter() - self._stage_t0
                     self._stage_t0 = None
+                self.report_unseen(result, cbs[:3])
                 state = None
                 x.update({k: v.detach() for k, v in result.x.items()})
                 p.x = x
