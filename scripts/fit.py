@@ -489,7 +489,8 @@ class Fit:
         st = getattr(result, "state", None)
         x = getattr(st, "x", None) or result.x
         for rec in getattr(result, "records", None) or []:
-            if getattr(rec, "iteration", -1) > self.p.last_iteration:
+            # (not a start point the solver did not report: a start without a finite cost is a failure)
+            if getattr(rec, "iteration", -1) > max(self.p.last_iteration, 0):
                 for cb in cbs:
                     cb(rec, x, st)
 
