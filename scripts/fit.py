@@ -681,9 +681,9 @@ def run(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> dict[
 
 def remove_fresh_run_dir(out: Path) -> None:
     """A run that fails before its first iteration leaves nothing: its directory goes, if this process made
-    it (a directory the user named, or a resumed run, is left alone)."""
+    it for this run (a directory the user named, or one holding a run's results, is left alone)."""
     out = out.resolve()
-    if out not in created_run_dirs():
+    if out not in created_run_dirs() or (out / CHECKPOINT_NAME).exists() or (out / "summary.json").exists():
         return
     for h in list(logging.getLogger().handlers):  # Hydra's fit.log handler
         if isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve().parent == out:
