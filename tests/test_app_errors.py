@@ -68,7 +68,8 @@ CASES = {
     "zero_area_mesh": (lambda t: [*TEAPOT, f"scene.mesh={_degenerate_mesh(t)}"],
                        "error: mesh "),
     "nan_start_cost": (lambda t: ["scene=lights_albedo", "scene.views=2", "scene.start_intensity=nan", *SMALL],
-                       "error: the solver failed at the start of stage 'lights+albedo': initial cost is not finite (nan)"),
+                       "error: the solver failed at the start of stage 'lights+albedo': initial cost is not "
+                       "finite (nan)"),
     "sigma_zero": (lambda t: ["renderer.sigma=0"], "error: renderer.sigma must be a positive number, got 0"),
     "views_zero": (lambda t: ["scene=cow_shape", "scene.views=0"], "error: scene.views must be at least 1, got 0"),
     "custom_without_target": (lambda t: ["solver=custom"],
