@@ -44,7 +44,22 @@ def _degenerate_mesh(tmp: Path) -> Path:
     return p
 
 
+def _unreadable(entries, folder):
+    (folder / entries[0]["file"]).write_bytes(b"this is not a png")
+
+
+def _wrong_size(entries, folder):
+    for e in entries:
+        e["width"] = e["height"] = 32
+
+
 CASES = {
+    "missing_asset": (lambda t: [*TEAPOT, "scene.mesh=assets/nope.obj"],
+                      f"error: asset not found: {ROOT / 'assets' / 'nope.obj'}\n"),
+    "unreadable_image": (lambda t: ["scene=images", f"scene.folder={_folder(t, _unreadable)}"],
+                         "error: cannot read image "),
+    "image_size_mismatch": (lambda t: ["scene=images", f"scene.folder={_folder(t, _wrong_size)}"],
+                            "error: image {data}/v0.png is 24x24 (WxH) but {data}/cameras.json says 32x32\n"),
     # id: (overrides builder(tmp) -> list, the one line's start)
     "fx_nan": (lambda t: ["scene=images", f"scene.folder={_folder(t, _set(0, eye=[0, 1, 3], fx=math.nan))}"],
                "error: camera view 0: focal lengths fx, fy must be finite and positive, got [nan,"),
@@ -86,10 +101,19 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, capsys)
     overrides, start = CASES[case]
     code, out = cli(tmp_path, *overrides(tmp_path))
     err = capsys.readouterr().err
+    start = start.format(data=tmp_path / "data")
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith(start), err
     assert not out.exists()  # the fresh run directory is gone: no events file, no fit.log, no summary
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_device_cuda_without_cuda(tmp_path, capsys):
+    code, out = cli(tmp_path, "device=cuda")
+    assert code == 2 and not out.exists()
+    assert capsys.readouterr().err == ("error: device=cuda but CUDA is not available in this torch build/machine; "
+                                       "use device=cpu or device=auto\n")
 
 
 def test_zero_area_mesh_message_names_the_file(tmp_path, capsys):
