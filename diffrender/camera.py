@@ -15,6 +15,9 @@ import torch
 from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 from torch import Tensor
 
+from diffrender.errors import UserError
+from diffrender.mesh import _is_transformed
+
 
 @dataclass
 class Camera:
@@ -47,6 +50,11 @@ class Camera:
             raise ValueError(f"Camera image size must be positive, got height={self.height}, width={self.width}")
         if not 0 < self.near < self.far:
             raise ValueError(f"Camera needs 0 < near < far, got near={self.near}, far={self.far}")
+        f = self.focal.detach()
+        if not _is_transformed(f) and not bool((torch.isfinite(f) & (f > 0)).all()):
+            bad = int((~(torch.isfinite(f) & (f > 0))).any(dim=1).nonzero()[0, 0])
+            raise UserError(f"camera view {bad}: focal lengths fx, fy must be finite and positive, "
+                            f"got {f[bad].tolist()}")
 
     @property
     def num_views(self) -> int:
@@ -108,17 +116,40 @@ def look_at(eye: Tensor, at: Tensor, up: Sequence[float] | Tensor = (0.0, 1.0, 0
     """World-to-camera (R, t) for cameras at ``eye`` (N, 3) looking at ``at`` (N, 3) or (3,).
 
     ``up`` is the world direction that appears upward in the image (image y points down). Differentiable
-    in ``eye`` and ``at`` in both AD modes.
+    in ``eye`` and ``at`` in both AD modes. Raises UserError for a non-finite eye, ``eye == at`` or a view
+    direction along ``up``, where R would be zero or rank 1 and the view black (checked on plain tensors;
+    skipped inside torch.func transforms, where values cannot steer control flow).
     """
     eye = torch.atleast_2d(eye)
     at = torch.as_tensor(at, dtype=eye.dtype, device=eye.device).expand_as(eye)
     up_t = torch.as_tensor(up, dtype=eye.dtype, device=eye.device).expand_as(eye)
+    if not _is_transformed(eye):
+        _check_look_at(eye.detach(), at.detach(), up_t.detach())
     z = _safe_normalize(at - eye)
     x = _safe_normalize(torch.linalg.cross(z, up_t))
     y = torch.linalg.cross(z, x)  # = component of -up orthogonal to z: image y points down
     R = torch.stack([x, y, z], dim=-2)
     t = -(R @ eye.unsqueeze(-1)).squeeze(-1)
     return R, t
+
+
+def _check_look_at(eye: Tensor, at: Tensor, up: Tensor) -> None:
+    d = at - eye
+    dist = d.norm(dim=-1)
+    # sin of the angle between the view direction and up; 0 when looking straight along up
+    sin = torch.linalg.cross(d, up).norm(dim=-1) / (dist * up.norm(dim=-1)).clamp_min(1e-30)
+    finite = torch.isfinite(eye).all(-1) & torch.isfinite(at).all(-1) & torch.isfinite(up).all(-1)
+    ok = finite & (dist > 0) & (sin > 1e-6)
+    if bool(ok.all()):
+        return
+    i = int((~ok).nonzero()[0, 0])
+    where = f"look_at (view {i}): eye {eye[i].tolist()}, at {at[i].tolist()}, up {up[i].tolist()}"
+    if not finite[i]:
+        raise UserError(f"{where}: values must be finite")
+    if dist[i] == 0:
+        raise UserError(f"{where}: eye equals at, the view direction is undefined")
+    raise UserError(f"{where}: the view direction is parallel to up, so the camera's roll is undefined; "
+                    "choose another up or move the eye")
 
 
 def pose_to_extrinsics(axis_angle: Tensor, translation: Tensor) -> tuple[Tensor, Tensor]:

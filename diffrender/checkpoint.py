@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 
-from diffrender.config import UserError
+from diffrender.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# what scripts/fit.py writes and needs to resume
+REQUIRED_KEYS = frozenset({"config", "stage", "x", "state", "step"})
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
@@ -32,6 +34,11 @@ def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any]:
     try:
         # the payload holds the solver's state dataclass, so this is not a weights-only load:
         # only resume from run directories you trust.
-        return torch.load(p, map_location="cpu", weights_only=False)
+        payload = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"cannot read checkpoint {p}: {type(e).__name__}: {first}") from None
+    missing = sorted(REQUIRED_KEYS - set(payload)) if isinstance(payload, dict) else sorted(REQUIRED_KEYS)
+    if missing:
+        raise UserError(f"{p} is not a fit checkpoint (a torch file without {', '.join(missing)})")
+    return payload

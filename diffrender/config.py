@@ -7,24 +7,28 @@ YAMLs list only what differs from the class defaults; ``conf/solver/custom.yaml`
 purpose: a researcher's own solver class plugs in with options of its own
 (``solver=custom solver._target_=mypkg.MySolver``), and a wrong option fails at instantiation with the
 class's own ``TypeError``, which the CLI reports in one line.
+Besides the schemas: ``validate_config`` (value ranges that types cannot express, one UserError naming the
+option) and the resolvers behind ``hydra.run.dir`` (run directories created atomically, never shared).
+This module imports no torch, so ``fit.py --help`` and config errors answer at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from diffrender.errors import UserError
 from diffrender.solvers.options import SOLVER_OPTIONS
 
-
-class UserError(ValueError):
-    """Bad user input (unknown scene, missing file, unreadable image, ...): the CLI prints its
-    one-line message as ``error: ...`` and exits with code 2, without a traceback."""
+__all__ = ["UserError", "FitConfig", "register_configs", "validate_config", "created_run_dirs"]
 
 
 class DeviceName(str, Enum):
@@ -45,6 +49,7 @@ class DeviceConfig:
     name: DeviceName = DeviceName.cpu
     dtype: DType = DType.float32
     threads: int | None = None  # torch CPU threads (null: torch's default)
+    memory_check: bool = True  # refuse at start a fit whose estimated peak memory exceeds what is available
 
 
 @dataclass
@@ -179,12 +184,105 @@ def solver_schema(target: str, options: type) -> type:
                                       bases=(options,))
 
 
+def _number(cfg: DictConfig, key: str, *, integer: bool = False) -> float | None:
+    """The value at ``key`` (None when absent or null); UserError when it is not a number."""
+    v = OmegaConf.select(cfg, key, default=None)
+    if v is None:
+        return None
+    ok = isinstance(v, int) if integer else isinstance(v, int | float)
+    if isinstance(v, bool) or not ok:
+        raise UserError(f"{key}: expected {'an integer' if integer else 'a number'}, got {v!r}")
+    return v
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Value checks the schemas' types cannot express; one UserError naming the first bad option.
+
+    Runs on the composed config before anything heavy is imported (the solver's own option types are
+    checked against its ``Options`` when it is built)."""
+    for key in ("renderer.sigma", "renderer.gamma", "scene.sigma", "scene.gamma", "scene.distance",
+                "solver.max_seconds", "logging.gif_fps"):
+        v = _number(cfg, key)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise UserError(f"{key} must be a positive number, got {v}")
+    for key in ("renderer.image_size", "scene.image_size", "scene.views", "logging.max_views", "stop_after"):
+        v = _number(cfg, key, integer=True)
+        if v is not None and v < 1:
+            raise UserError(f"{key} must be at least 1, got {v}")
+    for key in ("solver.max_iterations", "logging.image_every", "logging.metrics_every",
+                "logging.checkpoint_every", "scene.sphere_level"):
+        v = _number(cfg, key, integer=True)
+        if v is not None and v < 0:
+            raise UserError(f"{key} must be a non-negative integer, got {v}")
+    eps = _number(cfg, "renderer.eps")
+    if eps is not None and not 0 < eps < 0.5:
+        raise UserError(f"renderer.eps must lie in (0, 0.5) (the coverage cutoff), got {eps}")
+    margin = _number(cfg, "renderer.margin_px")
+    if margin is not None and not (math.isfinite(margin) and margin >= 0):
+        raise UserError(f"renderer.margin_px must be >= 0, got {margin}")
+    fov = _number(cfg, "scene.fov_deg")
+    if fov is not None and not 0 < fov < 180:
+        raise UserError(f"scene.fov_deg must lie in (0, 180), got {fov}")
+    for s in OmegaConf.select(cfg, "scene.sigma_schedule", default=None) or []:
+        if isinstance(s, bool) or not isinstance(s, int | float) or not (math.isfinite(s) and s > 0):
+            raise UserError(f"scene.sigma_schedule: every σ must be a positive number, got {s!r}")
+    solver = cfg.get("solver")
+    if isinstance(solver, DictConfig) and OmegaConf.is_missing(solver, "_target_"):
+        raise UserError("solver=custom needs your solver class: solver._target_=mypkg.MySolver")
+
+
+# ------------------------------------------------------------------------------ run directories
+_RUN_DIRS: dict[str, str] = {}  # requested name -> directory made for it (Hydra may resolve twice)
+_CREATED: set[Path] = set()
+
+
+def _unique_dir(base: str) -> str:
+    """Create ``base`` (or ``base-2``, ``base-3``, ... when taken) atomically and return it: two fits
+    started in the same second never share a directory, because ``mkdir`` fails when the name exists."""
+    if base in _RUN_DIRS:
+        return _RUN_DIRS[base]
+    root = Path(base)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    for k in itertools.count(1):
+        path = root if k == 1 else root.with_name(f"{root.name}-{k}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        _CREATED.add(path.resolve())
+        _RUN_DIRS[base] = str(path)
+        return str(path)
+    raise AssertionError("unreachable")
+
+
+def _run_dir(resume: str | None, base: str) -> str:
+    """``hydra.run.dir``: the resumed run's directory, else a fresh unique one. A resume directory that
+    does not exist is remembered, so that the failed run removes what Hydra creates there (its log)."""
+    if resume is None:
+        return _unique_dir(base)
+    if not Path(resume).exists():
+        _CREATED.add(Path(resume).resolve())
+    return str(resume)
+
+
+def _output_subdir(resume: str | None) -> str | None:
+    """Hydra's ``.hydra/`` record of the composed config: written for fresh runs; a resume keeps the
+    original one (what a resume changes is recorded in summary.json instead)."""
+    return ".hydra" if resume is None else None
+
+
+def created_run_dirs() -> set[Path]:
+    """Directories this process created for its runs (a run failing before its first iteration removes
+    its own, and only its own)."""
+    return set(_CREATED)
+
+
 def _if_null(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
 def register_configs() -> None:
-    """Register the schemas (idempotent) and the ``if_null`` resolver used by ``hydra.run.dir``."""
+    """Register the schemas (idempotent) and the resolvers used by ``conf/config.yaml``'s hydra section."""
     cs = ConfigStore.instance()
     cs.store(name="fit_schema", node=FitConfig)
     # group options name their schema as /schema/<group>/<name>@_here_ in their defaults list
@@ -197,8 +295,10 @@ def register_configs() -> None:
     cs.store(group="schema/scene", name="images", node=ImagesConfig)
     for name, (target, options) in SOLVER_OPTIONS.items():
         cs.store(group="schema/solver", name=name, node=solver_schema(target, options))
-    if not OmegaConf.has_resolver("if_null"):
-        OmegaConf.register_new_resolver("if_null", _if_null)
+    for name, fn in (("if_null", _if_null), ("fit_run_dir", _run_dir), ("fit_unique_dir", _unique_dir),
+                     ("fit_output_subdir", _output_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 register_configs()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffrender.config import UserError
+from diffrender.errors import UserError
 
 
 @dataclass

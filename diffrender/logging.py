@@ -1,9 +1,10 @@
-"""What a fit shows while it runs: TensorBoard scalars and images, a terminal progress bar, image strips
-(render | target | |difference|) and a GIF of the progress.
+"""What a fit shows while it runs: TensorBoard scalars and images, a terminal progress bar (tqdm), image
+strips (render | target | |difference|) and a GIF of the progress.
 
-Tag names are part of the interface (README, "Fitting"): ``loss/total``, ``loss/<block>``,
+Tag names are part of the interface (README, "Fitting"): ``convergence/log10_cost`` (sorts first, so the
+first screen of TensorBoard shows the convergence on a log scale), ``loss/total``, ``loss/<block>``,
 ``solver/{lambda,rho,cg_iters,step_norm,grad_norm,jvps,vjps}``, ``time/iter_s``, ``metric/<name>``,
-``images/strip``, ``config`` (text), ``mesh/fitted`` and the hparams plugin.
+``images/strip``, ``config`` (text), ``mesh/fitted`` and the HParams plugin (no scalar cards of its own).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ SOLVER_TAGS = {
     "vjps": "solver/vjps",
     "seconds": "time/iter_s",
 }
+# the cost spans many decades (1e2 .. 1e-15 on the default fit): on a linear axis it is a flat line
+LOG_COST_TAG = "convergence/log10_cost"
 
 
 def progress_enabled(mode: str, stream: Any = None) -> bool:
@@ -47,27 +49,33 @@ def progress_enabled(mode: str, stream: Any = None) -> bool:
 
 
 class ProgressBar:
-    """A one-line bar redrawn with ``\\r`` on stderr; does nothing when disabled."""
+    """A tqdm bar on stderr over the fit's iterations (``total``: the whole fit's max_iterations, ``None``
+    when unknown). While it is open, log records that go to the terminal are printed above it
+    (``tqdm.contrib.logging.logging_redirect_tqdm``), so no line is glued onto the bar. No-op when disabled."""
 
-    def __init__(self, total: int, enabled: bool, width: int = 30, stream: Any = None) -> None:
-        self.total, self.enabled, self.width = max(int(total), 1), enabled, width
-        self.stream = stream or sys.stderr
-        self.start = time.perf_counter()
+    def __init__(self, total: int | None, enabled: bool, initial: int = 0, stream: Any = None) -> None:
+        self.bar, self._redirect = None, None
+        if not enabled:
+            return
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self.bar = tqdm(total=total, initial=initial, file=stream or sys.stderr, unit="it", dynamic_ncols=True,
+                        leave=True)
+        self._redirect = logging_redirect_tqdm(tqdm_class=tqdm)
+        self._redirect.__enter__()
 
     def update(self, done: int, text: str = "") -> None:
-        if not self.enabled:
+        if self.bar is None:
             return
-        frac = min(done / self.total, 1.0)
-        fill = int(round(frac * self.width))
-        el = time.perf_counter() - self.start
-        bar = "#" * fill + "." * (self.width - fill)
-        self.stream.write(f"\r[{bar}] {done}/{self.total} {el:6.1f}s {text}\x1b[K")
-        self.stream.flush()
+        self.bar.set_postfix_str(text, refresh=False)
+        self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
+            self._redirect.__exit__(None, None, None)
+            self.bar = None
 
 
 def _rgb(img: Tensor) -> Tensor:
@@ -98,12 +106,13 @@ def image_strip(render: Tensor, target: Tensor, max_views: int = 4) -> Tensor:
     return torch.cat(out, dim=0).clamp(0, 1)
 
 
-def write_gif(path: str | os.PathLike, frames: list[np.ndarray], fps: int = 8) -> None:
-    """Frames (uint8 (H, W, 3), same size) as a looping GIF."""
+def write_gif(path: str | os.PathLike, frames: list[np.ndarray], fps: float = 8) -> None:
+    """Frames (uint8 (H, W, 3), same size) as a looping GIF at ``fps`` frames per second."""
     import imageio.v2 as imageio
 
     if frames:
-        imageio.mimsave(Path(path), frames, duration=1.0 / max(fps, 1), loop=0)
+        # imageio's Pillow GIF writer takes the frame duration in milliseconds (GIF stores 1/100 s units)
+        imageio.mimsave(Path(path), frames, duration=1000.0 / max(fps, 1e-3), loop=0)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -131,52 +140,61 @@ def _finite(v: Any) -> float | None:
 
 
 class FitLogger:
-    """TensorBoard writer for one fit (no-op when disabled) plus the GIF frames."""
+    """TensorBoard writer for one fit (no-op when disabled) plus the GIF frames.
+
+    The event file is opened at the first write, so a run that fails before its first iteration leaves
+    no event file that TensorBoard would show as an empty run; ``config_text`` is written then."""
 
     def __init__(self, log_dir: str | os.PathLike, enabled: bool = True, purge_step: int | None = None,
-                 max_views: int = 4) -> None:
-        self.enabled, self.max_views = enabled, max_views
+                 max_views: int = 4, config_text: str | None = None) -> None:
+        self.log_dir, self.enabled, self.max_views = Path(log_dir), enabled, max_views
+        self.purge_step, self.config_text = purge_step, config_text
         self.frames: list[np.ndarray] = []
-        self.writer = None
-        if enabled:
+        self._writer = None
+
+    @property
+    def writer(self) -> Any:
+        if self._writer is None and self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
+            if self.config_text is not None:
+                # TensorBoard renders markdown: indent four spaces to keep YAML as a code block
+                self._writer.add_text("config", "\n".join("    " + ln for ln in self.config_text.splitlines()), 0)
+        return self._writer
 
     def iteration(self, step: int, record: Any, metrics: Mapping[str, float] | None = None) -> None:
         """Scalars of one solver iteration (an IterationRecord or anything with the same attributes)."""
-        if self.writer is None:
+        if not self.enabled:
             return
+        w = self.writer
         cost = _finite(getattr(record, "cost", None))
         if cost is not None:
-            self.writer.add_scalar("loss/total", cost, step)
+            w.add_scalar("loss/total", cost, step)
+            if cost > 0:
+                w.add_scalar(LOG_COST_TAG, math.log10(cost), step)
         for block, c in (getattr(record, "block_costs", None) or {}).items():
             if (c := _finite(c)) is not None:
-                self.writer.add_scalar(f"loss/{block}", c, step)
+                w.add_scalar(f"loss/{block}", c, step)
         for field, tag in SOLVER_TAGS.items():
             v = _finite(getattr(record, field, None))
             if v is not None:
-                self.writer.add_scalar(tag, v, step)
+                w.add_scalar(tag, v, step)
         for name, v in (metrics or {}).items():
             if (v := _finite(v)) is not None:
-                self.writer.add_scalar(f"metric/{name}", v, step)
+                w.add_scalar(f"metric/{name}", v, step)
 
     def images(self, step: int, render: Tensor, target: Tensor, keep_frame: bool = True) -> np.ndarray:
         """Log the render | target | diff strip; keep it as a GIF frame. Returns the uint8 strip."""
         strip = to_uint8(image_strip(render, target, self.max_views))
-        if self.writer is not None:
+        if self.enabled:
             self.writer.add_image("images/strip", strip, step, dataformats="HWC")
         if keep_frame:
             self.frames.append(strip)
         return strip
 
-    def text(self, tag: str, text: str) -> None:
-        if self.writer is not None:
-            # TensorBoard renders markdown: indent four spaces to keep YAML as a code block
-            self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), 0)
-
     def mesh(self, step: int, verts: Tensor, faces: Tensor, colors: Tensor | None = None) -> None:
-        if self.writer is None:
+        if not self.enabled:
             return
         kw = {}
         if colors is not None:
@@ -185,14 +203,18 @@ class FitLogger:
                              faces=faces.detach().cpu().int()[None], global_step=step, **kw)
 
     def hparams(self, config: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        """Flattened config -> final metrics, written into this run's own directory."""
-        if self.writer is None:
+        """Flattened config -> final metrics in the HParams tab only. The metrics point at this run's own
+        ``metric/<name>`` scalars (whose last value is the final one), so no extra ``hparam/*`` cards
+        crowd the Time Series tab. Only for runs that logged something."""
+        if self._writer is None:
             return
-        hp = flatten(config)
-        mets = {f"hparam/{k}": v for k, v in metrics.items() if _finite(v) is not None}
-        self.writer.add_hparams(hp, mets, run_name=".")
+        from torch.utils.tensorboard.summary import hparams
+
+        names = {f"metric/{k}": v for k, v in metrics.items() if _finite(v) is not None}
+        for summary in hparams(flatten(config), names):
+            self._writer.file_writer.add_summary(summary)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()

@@ -116,3 +116,81 @@ def test_every_solver_option_is_settable_and_the_yaml_lists_only_real_differing_
     own = {k: v for k, v in own.items() if k != "defaults"}
     assert set(own) <= set(fields), set(own) - set(fields)
     assert all(own[k] != fields[k] for k in own), "the YAML repeats a class default"
+
+
+# ---------------------------------------------------------------------------------- value checks
+@pytest.mark.parametrize("override, message", [
+    ("renderer.sigma=0", "renderer.sigma must be a positive number, got 0.0"),
+    ("renderer.sigma=-1e-4", "renderer.sigma must be a positive number, got -0.0001"),
+    ("renderer.gamma=0", "renderer.gamma must be a positive number, got 0.0"),
+    ("renderer.eps=0.5", "renderer.eps must lie in (0, 0.5) (the coverage cutoff), got 0.5"),
+    ("renderer.eps=0", "renderer.eps must lie in (0, 0.5) (the coverage cutoff), got 0.0"),
+    ("renderer.image_size=0", "renderer.image_size must be at least 1, got 0"),
+    ("renderer.image_size=-3", "renderer.image_size must be at least 1, got -3"),
+    ("scene=cow_shape scene.views=0", "scene.views must be at least 1, got 0"),
+    ("scene.sigma_schedule=[1e-2,0]", "scene.sigma_schedule: every σ must be a positive number, got 0.0"),
+    ("solver=custom", "solver=custom needs your solver class: solver._target_=mypkg.MySolver"),
+    ("solver.max_iterations=-1", "solver.max_iterations must be a non-negative integer, got -1"),
+    ("solver.max_seconds=0", "solver.max_seconds must be a positive number, got 0.0"),
+    ("logging.gif_fps=0", "logging.gif_fps must be a positive number, got 0"),
+    ("stop_after=0", "stop_after must be at least 1, got 0"),
+])
+def test_validate_config_names_the_bad_option(override, message):
+    from diffrender.config import validate_config
+    from diffrender.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        validate_config(_compose(override.split()))
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("scene", SCENES)
+def test_every_shipped_config_is_valid(scene):
+    from diffrender.config import validate_config
+
+    for solver in SOLVERS:
+        validate_config(_compose([f"scene={scene}", f"solver={solver}"]))
+
+
+def test_solver_options_are_checked_against_the_solver_class():
+    """A class given by _target_ carries no schema: the fit checks its options against the class's Options
+    before building (our own solvers' YAMLs have schemas: a wrong type fails at composition)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fitutil import fit_module
+
+    from diffrender.errors import UserError
+
+    build = fit_module().build_solver
+    with pytest.raises(UserError) as e:
+        build(_compose(["solver=custom", "solver._target_=diffrender.solvers.LevenbergMarquardt",
+                        "+solver.initial_damping=abc"]).solver)
+    assert str(e.value) == "solver.initial_damping: 'abc' is not a valid value (expected <class 'float'>)"
+    s = build(_compose(["solver.max_seconds=2.5"]).solver, max_iterations=7, max_seconds=1.5)
+    assert s.max_iterations == 7 and s.max_seconds == 1.5  # the stage's share of the fit's budget
+    custom = _compose(["solver=custom", "solver._target_=fitutil.MySolver"]).solver
+    assert build(custom, max_iterations=3, max_seconds=1.0).max_iterations == 3  # no max_seconds option: not given
+
+
+def _make_dir(base, barrier, queue):
+    from diffrender.config import _unique_dir
+
+    barrier.wait()
+    queue.put(_unique_dir(base))
+
+
+def test_run_directories_made_at_the_same_moment_are_distinct(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    barrier, queue = ctx.Barrier(4), ctx.Queue()
+    base = str(tmp_path / "outputs" / "2026-01-01_00-00-00_teapot_pose_lm")
+    procs = [ctx.Process(target=_make_dir, args=(base, barrier, queue)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    dirs = sorted(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert dirs == sorted([base, base + "-2", base + "-3", base + "-4"])
+    assert all(Path(d).is_dir() for d in dirs)

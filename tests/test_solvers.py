@@ -257,3 +257,17 @@ def test_a_list_of_callbacks_all_run_and_any_can_stop():
     ])
     assert res.termination == "callback"
     assert seen_a == seen_b == [0, 1, 2]
+
+
+def test_the_iteration_that_ends_the_solve_reaches_the_callback():
+    problem, x0 = _rosenbrock_many()
+    seen = []
+    res = LevenbergMarquardt(max_iterations=200).solve(problem, x0, callback=lambda r, x, s: seen.append(r.iteration))
+    assert res.converged and seen == [r.iteration for r in res.records]
+
+
+def test_adam_function_tolerance_judges_real_progress():
+    """Adam's first iteration evaluates x0 again: its zero change must not count as convergence."""
+    problem, x0 = _rosenbrock_many()
+    res = Adam(lr=0.05, max_iterations=200, function_tolerance=1e-3).solve(problem, x0)
+    assert res.iterations > 5 and res.cost < 0.5 * res.initial_cost

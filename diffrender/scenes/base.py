@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffrender.config import UserError
+from diffrender.errors import UserError
 
 Params = dict[str, Tensor]
 
@@ -190,6 +190,8 @@ def load_mesh(ctx: BuildContext, path: str | Path, *, normalize: bool = True) ->
         m = meshlib.load_obj(p, dtype=ctx.dtype, device=ctx.device)
     except ValueError as e:
         raise UserError(f"cannot read mesh {p}: {str(e).splitlines()[0]}") from None
+    if not bool((meshlib.face_normals(m.verts, m.faces).norm(dim=-1) > 0).any()):
+        raise UserError(f"mesh {p}: all {m.faces.shape[0]} faces have zero area, nothing can be rendered")
     tex = p.with_name(p.stem + "_texture.png")  # e.g. spot.obj + spot_texture.png (no .mtl shipped)
     if m.uvs is not None and m.texture is None and tex.is_file():
         from dataclasses import replace

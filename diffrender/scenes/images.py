@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from diffrender.config import UserError
+from diffrender.errors import UserError
 from diffrender.io import load_image_set
 from diffrender.scenes.base import (
     BuildContext,

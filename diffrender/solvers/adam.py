@@ -84,7 +84,8 @@ class Adam(Solver):
         state.x = {k: v.detach().clone() for k, v in params.items()}
         state.cost, state.block_costs = cost_value, blocks
         state.extra["adam"] = copy.deepcopy(opt.state_dict())  # the live dict is mutated by step()
-        if o.function_tolerance > 0 and math.isfinite(previous) and \
+        # the first iteration evaluates x0 itself, whose cost the start already has: no change to judge
+        if o.function_tolerance > 0 and state.iteration > 0 and math.isfinite(previous) and \
                 abs(previous - cost_value) <= o.function_tolerance * previous:
             ws.message = f"|cost_change| / cost <= {o.function_tolerance:.1e}"
             return rec, "function_tolerance"

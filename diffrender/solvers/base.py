@@ -202,7 +202,8 @@ class Solver:
                 records.append(rec)
                 if o.verbose:
                     print(one_line(rec), flush=True)
-                if termination is None and callback is not None and callback(rec, state.x, state):
+                # every iteration reaches the callback, the one that ends the solve included
+                if callback is not None and callback(rec, state.x, state) and termination is None:
                     termination, message = "callback", "the callback asked to stop"
         except KeyboardInterrupt:
             termination, message = "interrupted", "KeyboardInterrupt; returning the best point so far"

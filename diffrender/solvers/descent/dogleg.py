@@ -79,8 +79,8 @@ class Dogleg(Descent):
             zero = torch.zeros_like(g)
             pre = problem.make_preconditioner(PreconditionerInfo(state.x, ws.ctx, problem.layout(state.x), diag,
                                                                  zero))
-            sol = solve_spd(-g, matvec=loop.curvature(problem, state, ws), precond=pre or jacobi(diag), max_iterations=o.max_cg_iterations,
-                            rtol=o.cg_rtol, eta=o.eta if o.eta > 0 else None)
+            sol = solve_spd(-g, matvec=loop.curvature(problem, state, ws), precond=pre or jacobi(diag),
+                            max_iterations=o.max_cg_iterations, rtol=o.cg_rtol, eta=o.eta if o.eta > 0 else None)
             gn = sol.x
             j_gn = op.jvp(gn) if bool(torch.isfinite(gn).all()) else None
         if not bool(torch.isfinite(gn).all()) or not float(g @ gn) < 0:
