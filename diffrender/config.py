@@ -126,6 +126,7 @@ class ShapeConfig(SceneConfig):
     w_edge: float = 0.3
     w_normal: float = 0.1
     preconditioner_lambda: float = 10.0  # (I + λL)^-1 for the CG solve (Nicolet et al. 2021); 0: off
+    view_chunks: int = 1  # residual terms the views are split into (a solver may subsample their curvature)
 
 
 @dataclass

@@ -224,6 +224,11 @@ class Linearization:
         return self.evaluation.cost
 
     @property
+    def gradient_ready(self) -> bool:
+        """Whether the gradient has been computed (a trial point's linearization has none yet)."""
+        return self._gradient is not None
+
+    @property
     def gradient(self) -> Tensor:
         """``g = J~^T r~: (n,)``, the exact gradient of the (robust) cost."""
         if self._gradient is None:

@@ -42,11 +42,17 @@ def default_lights(dtype: torch.dtype, device: torch.device):
                          directional_colors=[(0.7, 0.7, 0.7)], dtype=dtype, device=device)
 
 
+def view_chunks_of(views: int, chunks: int) -> list[list[int]]:
+    """Split ``views`` view indices into ``chunks`` contiguous, near-equal groups (at most one per view)."""
+    chunks = max(1, min(chunks, views))
+    return [list(range(views * k // chunks, views * (k + 1) // chunks)) for k in range(chunks)]
+
+
 def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule: list[float],
           coarse_to_fine: bool, gamma: float, fov_deg: float, sphere_level: int, sphere_radius: float,
           views: int, distance: float, elevations_deg: list[float], color_stage: bool, w_silhouette: float,
           w_color: float, w_laplacian: float, w_edge: float, w_normal: float, preconditioner_lambda: float,
-          ctx: BuildContext) -> Scene:
+          ctx: BuildContext, view_chunks: int = 1) -> Scene:
     from diffrender import render as R
     from diffrender.camera import camera_from_look_at, orbit_eyes
     from diffrender.mesh import Mesh, icosphere, save_obj
@@ -89,6 +95,8 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
         return {"laplacian": laplacian_residual(v, topo), "edge": edge_residual(v, topo),
                 "normal": normal_residual(v, faces, topo)}
 
+    chunks = view_chunks_of(int(cam.num_views), int(view_chunks))
+
     def silhouette_stage(i: int, s: float) -> Stage:
         settings = render_settings(s, gamma, ctx)
         tgt = targets[f"alpha_{i}"]
@@ -96,13 +104,31 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
         def make_problem(x: Params):
             from diffrender.problem import Problem
 
-            def residuals(p, pairs):
-                v = base + p["offsets"]
-                alpha = R.render(v, faces, cam, pairs, settings, outputs=("alpha",))["alpha"]
-                return {"silhouette": alpha - tgt, **regularizers(v)}
+            if len(chunks) == 1:
+                def residuals(p, pairs):
+                    v = base + p["offsets"]
+                    alpha = R.render(v, faces, cam, pairs, settings, outputs=("alpha",))["alpha"]
+                    return {"silhouette": alpha - tgt, **regularizers(v)}
 
-            return Problem(residuals, prepare=lambda p: R.prepare(base + p["offsets"], faces, cam, settings),
-                           weights=weights, preconditioner=pre)
+                return Problem(residuals, prepare=lambda p: R.prepare(base + p["offsets"], faces, cam, settings),
+                               weights=weights, preconditioner=pre)
+            # one residual term per chunk of views (a solver may subsample their curvature), one for the
+            # regularizers
+            terms, prepares, chunk_weights = {}, {}, dict(weights)
+            for k, idx in enumerate(chunks):
+                cam_k, tgt_k, name = cam.select(idx), tgt[idx], f"silhouette/{k}"
+
+                def term(p, pairs, cam_k=cam_k, tgt_k=tgt_k, name=name):
+                    alpha = R.render(base + p["offsets"], faces, cam_k, pairs, settings, outputs=("alpha",))
+                    return {name: alpha["alpha"] - tgt_k}
+
+                terms[f"views/{k}"] = term
+                prepares[f"views/{k}"] = lambda p, cam_k=cam_k: R.prepare(base + p["offsets"], faces, cam_k, settings)
+                chunk_weights[name] = w_silhouette
+            terms["regularizers"] = lambda p, ctx: regularizers(base + p["offsets"])
+            del chunk_weights["silhouette"]
+            return Problem(terms, prepare=prepares, weights=chunk_weights, preconditioner=pre,
+                           sampled_terms=[t for t in terms if t != "regularizers"])
 
         return Stage(f"silhouette sigma={s:g}", ["offsets"], make_problem)
 

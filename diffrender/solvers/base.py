@@ -46,6 +46,7 @@ class Workspace:
     evaluated: tuple[dict[str, Tensor], float] | None = None
     message: str = ""
     m: int = 0
+    start_gradient_norm: float | None = None  # max|g| at x0, once a second-order solver linearized there
 
 
 Callback = Callable[[IterationRecord, dict[str, Tensor], SolverState], "bool | None"]

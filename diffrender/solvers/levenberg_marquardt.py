@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from diffrender.solvers.descent import DampedGaussNewton, DiagonalScaling
+from diffrender.solvers.descent import DampedGaussNewton, DiagonalScaling, IdentityScaling
 from diffrender.solvers.loop import SecondOrderSolver
 from diffrender.solvers.options import LevenbergMarquardtOptions
 from diffrender.solvers.search import NielsenDamping, TrustRegion
@@ -30,4 +30,12 @@ class LevenbergMarquardt(SecondOrderSolver):
 
     def make_descent(self) -> DampedGaussNewton:
         o = self.options
+        if o.damping_scaling == "identity":
+            return DampedGaussNewton(IdentityScaling())
         return DampedGaussNewton(DiagonalScaling(o.min_diagonal, o.max_diagonal, o.monotone_diagonal))
+
+    def validate_options(self) -> None:
+        super().validate_options()
+        if self.options.damping_scaling not in ("jacobi", "identity"):
+            raise ValueError(f"LevenbergMarquardt: damping_scaling must be 'jacobi' or 'identity', "
+                             f"got {self.options.damping_scaling!r}")

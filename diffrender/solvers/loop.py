@@ -39,6 +39,7 @@ class Trial:
     ctx: Any
     cost: float
     block_costs: dict[str, float]
+    lin: Linearization | None = None
 
 
 class SecondOrderSolver(Solver):
@@ -73,6 +74,8 @@ class SecondOrderSolver(Solver):
             if getattr(o, key) not in allowed:
                 raise ValueError(f"{name}: {key} must be one of {', '.join(map(repr, allowed))}, "
                                  f"got {getattr(o, key)!r}")
+        if o.diagonal_every < 1:
+            raise ValueError(f"{name}: diagonal_every must be >= 1, got {o.diagonal_every}")
         if not 0.0 < o.curvature_subsample <= 1.0:
             raise ValueError(f"{name}: curvature_subsample must be in (0, 1], got {o.curvature_subsample}")
         if o.hutchinson_probes < 1:
@@ -91,7 +94,7 @@ class SecondOrderSolver(Solver):
         return self.search.iterate(self, problem, state, ws)
 
     def first_gradient_norm(self, ws: Workspace) -> float | None:
-        return None if ws.lin is None else self.gradient_norm(ws.lin)
+        return ws.start_gradient_norm
 
     # ---------------------------------------------------------------- the linearization
     def use_dense(self, n: int) -> bool:
@@ -102,17 +105,21 @@ class SecondOrderSolver(Solver):
     def linearize(self, problem: Problem, state: SolverState, ws: Workspace) -> str | None:
         """Build ``ws.lin`` at ``state.x`` unless done; return a termination reason when the gradient test
         is met or the gradient is not finite."""
-        if ws.lin is not None:
+        if ws.lin is not None and ws.lin.gradient_ready:
             return None
         t = time.perf_counter()
-        mode = "transpose" if self.options.jvp_mode == "auto" else self.options.jvp_mode
-        lin = problem.linearize(state.x, ws.ctx, jvp_mode=mode)
+        lin = ws.lin if ws.lin is not None else problem.linearize(state.x, ws.ctx, jvp_mode=self.jvp_mode())
         lin.gradient  # noqa: B018 - one VJP, now, so its time counts as linearization
         if self.use_dense(lin.op.n):
             lin.dense_jtj()
         ws.timings["linearize"] += time.perf_counter() - t
         ws.lin, ws.m = lin, lin.op.m
+        if state.iteration == 0:
+            ws.start_gradient_norm = self.gradient_norm(lin)
         return self.gradient_converged(lin, state, ws)
+
+    def jvp_mode(self) -> str:
+        return "transpose" if self.options.jvp_mode == "auto" else self.options.jvp_mode
 
     def diagonal(self, state: SolverState, ws: Workspace) -> Tensor:
         """``diag(J~^T J~)`` at the current linearization: from the dense matrix, exactly from ``n``
@@ -127,9 +134,15 @@ class SecondOrderSolver(Solver):
                 lin.diagonal = lin.dense_jtj().diagonal().clone()
             elif lin.op.n <= o.dense_threshold:
                 lin.diagonal = lin.op.diag_exact()
+            elif o.diagonal_every > 1 and state.extra.get("diagonal") is not None and \
+                    state.linearized_at - state.extra["diagonal_at"] < o.diagonal_every and \
+                    state.extra["diagonal"].shape == (lin.op.n,):
+                lin.diagonal = state.extra["diagonal"]  # reused: amortized over diagonal_every points
             else:
                 gen = torch.Generator().manual_seed(o.seed * 1_000_003 + state.linearized_at)
                 lin.diagonal = lin.op.diag_hutchinson(o.hutchinson_probes, gen)
+                if o.diagonal_every > 1:
+                    state.extra["diagonal"], state.extra["diagonal_at"] = lin.diagonal, state.linearized_at
             ws.timings["linearize"] += time.perf_counter() - t
         return lin.diagonal
 
@@ -161,22 +174,30 @@ class SecondOrderSolver(Solver):
         return float(g.abs().max()) if g.numel() else 0.0
 
     # ---------------------------------------------------------------- trial points
-    def evaluate_trial(self, problem: Problem, state: SolverState, ws: Workspace, delta: Tensor) -> Trial:
-        """``x (+) delta``, its prepared context and its cost (nan/inf allowed, never raises on them)."""
+    def evaluate_trial(self, problem: Problem, state: SolverState, ws: Workspace, delta: Tensor,
+                       linearize: bool = False) -> Trial:
+        """``x (+) delta``, its prepared context and its cost (nan/inf allowed, never raises on them); with
+        ``linearize`` the trial's linearization too (its forward gives the cost)."""
         t = time.perf_counter()
         layout = problem.layout(state.x)
         with torch.no_grad():
             x_new = {k: v.detach() for k, v in layout.retract(state.x, delta).items()}
         ctx = problem.prepare_context(x_new)
-        ev = problem.evaluate(x_new, ctx)
-        ws.timings["evaluate"] += time.perf_counter() - t
+        lin = None
+        if linearize:
+            lin = problem.linearize(x_new, ctx, jvp_mode=self.jvp_mode())
+            problem.counters.residual_evals += 1
+            ev = lin.evaluation
+        else:
+            ev = problem.evaluate(x_new, ctx)
+        ws.timings["linearize" if linearize else "evaluate"] += time.perf_counter() - t
         ws.evaluated = (x_new, ev.cost)
-        return Trial(x_new, ctx, ev.cost, ev.block_costs)
+        return Trial(x_new, ctx, ev.cost, ev.block_costs, lin)
 
     def accept(self, state: SolverState, ws: Workspace, trial: Trial) -> None:
-        """Move to ``trial``: the next iteration linearizes there."""
+        """Move to ``trial``: the next iteration linearizes there (or uses the trial's linearization)."""
         state.x, state.cost, state.block_costs = trial.x, trial.cost, trial.block_costs
-        ws.ctx, ws.lin = trial.ctx, None
+        ws.ctx, ws.lin = trial.ctx, trial.lin
         state.linearized_at = state.iteration + 1
 
     # ---------------------------------------------------------------- convergence tests (all of them, here)

@@ -59,6 +59,12 @@ class SecondOrderOptions(SolverOptions):
     # different subset at each linearization, scaled to stay unbiased; the gradient and the cost always use
     # every term (Byrd, Chin, Neveitt & Nocedal 2011). 1: exact curvature. No effect on single-term problems.
     curvature_subsample: float = 1.0
+    # Hutchinson's diag(J^T J) afresh every this many linearizations, reused in between (the damping's scaling
+    # and the Jacobi preconditioner change slowly; the probes are most of an iteration when CG is short)
+    diagonal_every: int = 1
+    # build the linearization at each trial point (one forward with a graph instead of a plain evaluation):
+    # an accepted step then needs no second forward at its new point; a rejected one wasted a graph
+    linearize_trials: bool = False
 
 
 @dataclass
@@ -72,6 +78,11 @@ class LevenbergMarquardtOptions(SecondOrderOptions):
     min_diagonal: float = 1e-6
     max_diagonal: float = 1e32
     monotone_diagonal: bool = True  # D^2 = running max of diag(J^T J) over the accepted points (MINPACK)
+    # "jacobi": damping lambda D^2 with Marquardt's D^2 = diag(J^T J) (scale-free, needs the diagonal at every
+    # point); "identity": Levenberg's lambda s I with s = max diag(J^T J) at the start, Nielsen's (1999)
+    # tau * max diag initial damping (initial_damping is tau): the diagonal is needed once, and directions
+    # no residual sees stay damped
+    damping_scaling: str = "jacobi"
 
 
 @dataclass

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from diffrender.solvers.base import Workspace
     from diffrender.solvers.loop import SecondOrderSolver
 
-__all__ = ["DiagonalScaling"]
+__all__ = ["DiagonalScaling", "IdentityScaling"]
 
 
 class DiagonalScaling:
@@ -41,3 +41,15 @@ class DiagonalScaling:
         assert lin is not None
         self._memo = (lin, d2)
         return d2
+
+
+class IdentityScaling:
+    """``D^2 = s I`` with ``s = max diag(J~^T J~)`` at the first linearization, kept for the whole solve
+    (in ``state.extra["identity_scale"]``): Levenberg's damping, with Nielsen's (1999) ``tau * max diag``
+    scale so that the damping parameter is the dimensionless ``tau``."""
+
+    def __call__(self, loop: SecondOrderSolver, state: SolverState, ws: Workspace) -> Tensor:
+        assert ws.lin is not None
+        if "identity_scale" not in state.extra:
+            state.extra["identity_scale"] = float(loop.diagonal(state, ws).max().clamp_min(1e-300))
+        return torch.full_like(ws.lin.gradient, state.extra["identity_scale"])

@@ -150,7 +150,7 @@ class TrustRegion(Search):
         assert delta is not None
         rec.step_norm = float(delta.norm())
         tiny = loop.step_converged(problem, state, rec.step_norm)
-        trial = loop.evaluate_trial(problem, state, ws, delta)
+        trial = loop.evaluate_trial(problem, state, ws, delta, linearize=loop.options.linearize_trials)
         change = state.cost - trial.cost
         rec.cost_change = change
         finite = math.isfinite(trial.cost)
