@@ -6,4 +6,5 @@ from diffrender.solvers.descent.dogleg import Dogleg
 from diffrender.solvers.descent.scaling import DiagonalScaling, IdentityScaling
 from diffrender.solvers.descent.steihaug import SteihaugNewton
 
-__all__ = ["Descent", "Region", "Step", "DampedGaussNewton", "Dogleg", "DiagonalScaling", "IdentityScaling", "SteihaugNewton"]
+__all__ = ["Descent", "Region", "Step", "DampedGaussNewton", "Dogleg", "DiagonalScaling", "IdentityScaling",
+           "SteihaugNewton"]
