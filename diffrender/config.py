@@ -50,6 +50,16 @@ class DeviceConfig:
     dtype: DType = DType.float32
     threads: int | None = None  # torch CPU threads (null: torch's default)
     memory_check: bool = True  # refuse at start a fit whose estimated peak memory exceeds what is available
+    # peak memory a multi-view fit aims for, per process: when keeping every view's graph would exceed it,
+    # graphs are rebuilt per product in chunks of views (slower, memory bounded); null: no limit
+    memory_budget_gb: float | None = 2.0
+
+
+@dataclass
+class DistributedConfig:
+    """Sharded fits (``torchrun --nproc_per_node=N scripts/fit.py ...``)."""
+
+    timeout_s: float = 600.0  # a collective waiting longer (a process died or hangs) ends the fit with an error
 
 
 @dataclass
@@ -176,6 +186,7 @@ class FitConfig:
     resume: str | None = None  # a previous run directory: continue it from its checkpoint, in place
     stop_after: int | None = None  # stop (as if interrupted) after this many iterations in total
     cache_dir: str = ".cache/diffrender"  # synthetic targets, keyed by a hash of the scene config
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def solver_schema(target: str, options: type) -> type:
@@ -202,11 +213,12 @@ def validate_config(cfg: DictConfig) -> None:
     Runs on the composed config before anything heavy is imported (the solver's own option types are
     checked against its ``Options`` when it is built)."""
     for key in ("renderer.sigma", "renderer.gamma", "scene.sigma", "scene.gamma", "scene.distance",
-                "solver.max_seconds", "logging.gif_fps"):
+                "solver.max_seconds", "logging.gif_fps", "device.memory_budget_gb", "distributed.timeout_s"):
         v = _number(cfg, key)
         if v is not None and not (math.isfinite(v) and v > 0):
             raise UserError(f"{key} must be a positive number, got {v}")
-    for key in ("renderer.image_size", "scene.image_size", "scene.views", "logging.max_views", "stop_after"):
+    for key in ("renderer.image_size", "scene.image_size", "scene.views", "logging.max_views", "stop_after",
+                "scene.view_chunks"):
         v = _number(cfg, key, integer=True)
         if v is not None and v < 1:
             raise UserError(f"{key} must be at least 1, got {v}")
@@ -235,13 +247,25 @@ def validate_config(cfg: DictConfig) -> None:
 # ------------------------------------------------------------------------------ run directories
 _RUN_DIRS: dict[str, str] = {}  # requested name -> directory made for it (Hydra may resolve twice)
 _CREATED: set[Path] = set()
+_AGREED = "<the directory rank 0 made>"
 
 
 def _unique_dir(base: str) -> str:
     """Create ``base`` (or ``base-2``, ``base-3``, ... when taken) atomically and return it: two fits
-    started in the same second never share a directory, because ``mkdir`` fails when the name exists."""
+    started in the same second never share a directory, because ``mkdir`` fails when the name exists.
+    The processes of a sharded fit share rank 0's directory."""
     if base in _RUN_DIRS:
         return _RUN_DIRS[base]
+    from diffrender import distributed
+
+    if distributed.is_initialized():  # once per process: `base` holds each process's own ${now:...}
+        if _AGREED not in _RUN_DIRS:
+            _RUN_DIRS[_AGREED] = distributed.agree(lambda: _make_unique_dir(base))
+        return _RUN_DIRS[_AGREED]
+    return _make_unique_dir(base)
+
+
+def _make_unique_dir(base: str) -> str:
     root = Path(base)
     root.parent.mkdir(parents=True, exist_ok=True)
     for k in itertools.count(1):
@@ -267,9 +291,11 @@ def _run_dir(resume: str | None, base: str) -> str:
 
 
 def _output_subdir(resume: str | None) -> str | None:
-    """Hydra's ``.hydra/`` record of the composed config: written for fresh runs; a resume keeps the
-    original one (what a resume changes is recorded in summary.json instead)."""
-    return ".hydra" if resume is None else None
+    """Hydra's ``.hydra/`` record of the composed config: written for fresh runs (by rank 0 alone in a
+    sharded fit); a resume keeps the original one (what a resume changes is recorded in summary.json)."""
+    from diffrender import distributed
+
+    return ".hydra" if resume is None and distributed.env_rank() == 0 else None
 
 
 def created_run_dirs() -> set[Path]:

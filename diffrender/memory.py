@@ -26,11 +26,37 @@ DEFAULT_BYTES_PER_VIEW_PIXEL = BYTES_PER_VIEW_PIXEL["cow_shape"]
 BASELINE_BYTES = 400e6  # python, torch, hydra and the mesh: the peak of a 1-view 16x16 px fit (355-392 MB)
 
 
-def estimate_peak_bytes(scene: str, views: int, height: int, width: int, *, dtype_bytes: int = 4) -> float:
+# Bytes per view-pixel that stay when the views' graphs are not kept (rebuilt per product, chunk by chunk):
+# the pair lists of the current and the trial point, residual-sized vectors and targets. Measured by
+# scripts/bench_scale.py --views (cow_shape at 96 px, the σ = 1e-3 stage; README "Running on several
+# processes or machines"); scenes without a figure of their own use cow_shape's.
+KEPT_BYTES_PER_VIEW_PIXEL = {"cow_shape": 1_200.0, "bunny_silhouette": 1_200.0}
+
+
+def estimate_peak_bytes(scene: str, views: int, height: int, width: int, *, dtype_bytes: int = 4,
+                        chunk_views: int | None = None) -> float:
     """Estimated peak memory (bytes) of a second-order fit of ``views`` images of ``height x width``.
-    float64 doubles the per-pixel part (the pair tables' indices do not double, so this overestimates)."""
-    slope = BYTES_PER_VIEW_PIXEL.get(scene, DEFAULT_BYTES_PER_VIEW_PIXEL) * dtype_bytes / 4
-    return BASELINE_BYTES + slope * views * height * width
+    float64 doubles the per-pixel part (the pair tables' indices do not double, so this overestimates).
+    ``chunk_views``: the graphs are rebuilt per product for at most this many views at a time, so only
+    the chunk's graph grows with pixels at the graph rate; the rest keeps a smaller per-view share."""
+    scale = dtype_bytes / 4
+    slope = BYTES_PER_VIEW_PIXEL.get(scene, DEFAULT_BYTES_PER_VIEW_PIXEL) * scale
+    px = height * width
+    if chunk_views is None:
+        return BASELINE_BYTES + slope * views * px
+    kept = KEPT_BYTES_PER_VIEW_PIXEL.get(scene, KEPT_BYTES_PER_VIEW_PIXEL["cow_shape"]) * scale
+    return BASELINE_BYTES + kept * views * px + slope * min(chunk_views, views) * px
+
+
+def chunk_views_within(budget: float, scene: str, views: int, height: int, width: int, *,
+                       dtype_bytes: int = 4) -> int | None:
+    """``None`` when keeping every view's graph fits in ``budget`` bytes; else the most views per chunk
+    whose rebuilt graphs keep the estimate within it (at least 1, even when nothing fits)."""
+    if estimate_peak_bytes(scene, views, height, width, dtype_bytes=dtype_bytes) <= budget:
+        return None
+    one = estimate_peak_bytes(scene, views, height, width, dtype_bytes=dtype_bytes, chunk_views=1)
+    per_view = estimate_peak_bytes(scene, views, height, width, dtype_bytes=dtype_bytes, chunk_views=2) - one
+    return max(1, 1 + int((budget - one) // per_view)) if per_view > 0 else 1
 
 
 def _read_int(path: Path) -> int | None:
@@ -67,4 +93,5 @@ def gigabytes(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-__all__ = ["BYTES_PER_VIEW_PIXEL", "estimate_peak_bytes", "available_bytes", "gigabytes"]
+__all__ = ["BYTES_PER_VIEW_PIXEL", "KEPT_BYTES_PER_VIEW_PIXEL", "estimate_peak_bytes", "chunk_views_within",
+           "available_bytes", "gigabytes"]

@@ -10,6 +10,11 @@ loss (identity when none), applied to each scalar residual.  The solvers see the
   ``r~`` whose ``J~^T r~`` is the exact gradient of the robust cost (Triggs' correction, as in Ceres);
 * ``cost(x, ctx)``: the differentiable scalar cost (for first-order solvers).
 
+Two options serve large problems split into terms: ``keep_graphs=False`` rebuilds a term's graph for each
+product instead of keeping every term's (memory follows the largest term, not their number), and a
+sharding ``reduction`` (:mod:`diffrender.linalg.reduction`) sums every quantity over the processes that
+each hold some of the terms (the solvers see one problem).
+
 The solving wing never imports the renderer: a problem is any Python function of tensors.
 """
 
@@ -24,7 +29,8 @@ import torch
 from torch import Tensor
 
 from diffrender.linalg.hessian import HessianOperator
-from diffrender.linalg.operator import Counters, JacobianOperator, StackedOperator
+from diffrender.linalg.operator import Counters, JacobianOperator, RecomputedJacobian, StackedOperator
+from diffrender.linalg.reduction import IDENTITY, Reduction
 from diffrender.manifolds import AxisAngleSO3, Euclidean, Manifold
 
 __all__ = [
@@ -209,7 +215,7 @@ class Linearization:
     """
 
     op: JacobianOperator | StackedOperator
-    residual: Tensor
+    residual: Tensor  # this process's rows when the problem is sharded
     evaluation: Evaluation
     x: dict[str, Tensor] = field(default_factory=dict)
     ctx: Any = None
@@ -294,6 +300,13 @@ class Problem:
     hooks. Terms are evaluated and linearized separately, so that a solver can use a subset of them for
     curvature (``sampled_terms``: those it may subsample; default all) and a scene can split work that is
     large (views) into pieces.
+
+    ``keep_graphs=False``: each term's graph is built when needed and freed after each product
+    (:class:`~diffrender.linalg.operator.RecomputedJacobian`), so memory holds one term's graph at a time,
+    for one more forward per product; the results are those of kept graphs. ``reduction``: this process
+    holds a share of the terms of a problem sharded over processes (others named in ``remote_terms``, so
+    that ``sampled_terms`` can list every term): costs, gradients and curvature products are summed over
+    the processes, and ``cost()``'s backward sums the parameters' gradients.
     """
 
     def __init__(
@@ -306,6 +319,9 @@ class Problem:
         losses: dict[str, RobustLoss] | None = None,
         preconditioner: PreconditionerFactory | None = None,
         sampled_terms: Sequence[str] | None = None,
+        keep_graphs: bool = True,
+        reduction: Reduction | None = None,
+        remote_terms: Sequence[str] = (),
     ) -> None:
         if callable(residuals):
             self.terms: dict[str, ResidualFn] = {SINGLE_TERM: residuals}
@@ -320,8 +336,16 @@ class Problem:
         elif prepare is not None and not callable(prepare):
             raise TypeError("Problem: prepare must be callable, a mapping of callables, or None")
         self.prepare = prepare
+        self.reduction = reduction if reduction is not None else IDENTITY
+        self.remote_terms = list(remote_terms)
+        if self.remote_terms and not self.reduction.sharded:
+            raise ValueError("Problem: remote_terms are the terms of other processes; they need a sharding reduction")
+        clash = set(self.remote_terms) & set(self.terms)
+        if clash:
+            raise ValueError(f"Problem: terms {sorted(clash)} are both local and remote")
+        self.keep_graphs = bool(keep_graphs)
         self.sampled_terms = list(self.terms) if sampled_terms is None else list(sampled_terms)
-        unknown = set(self.sampled_terms) - set(self.terms)
+        unknown = set(self.sampled_terms) - set(self.terms) - set(self.remote_terms)
         if unknown:
             raise ValueError(f"Problem: sampled_terms names unknown terms {sorted(unknown)}")
         self.manifolds = dict(manifolds or {})
@@ -446,17 +470,25 @@ class Problem:
         with torch.no_grad():
             blocks = self.residual_blocks(x, ctx, terms)
             self.counters.residual_evals += 1
-            terms = {k: float(v) for k, v in self._cost_terms(blocks).items()}
-        return Evaluation(sum(terms.values()), terms)
+            costs = self.reduction.sum_floats({k: float(v) for k, v in self._cost_terms(blocks).items()})
+        return Evaluation(sum(costs.values()), costs)
 
     def cost(self, x: dict[str, Tensor], ctx: Any = None,
              terms: Sequence[str] | None = None) -> tuple[Tensor, dict[str, float]]:
-        """Differentiable scalar cost at ``x`` and its per-block values (for first-order solvers)."""
+        """Differentiable scalar cost at ``x`` and its per-block values (for first-order solvers). Sharded,
+        the value is the sum over the processes, and so are the gradients its backward leaves in ``x``."""
+        if self.reduction.sharded:
+            x = dict(zip(x, _SumGradients.apply(self.reduction, *x.values()), strict=True))
         blocks = self.residual_blocks(x, ctx, terms)
         self.counters.residual_evals += 1
-        terms = self._cost_terms(blocks)
-        total = sum(terms.values())
-        return total, {k: float(v.detach()) for k, v in terms.items()}
+        parts = self._cost_terms(blocks)
+        total = sum(parts.values())
+        costs = {k: float(v.detach()) for k, v in parts.items()}
+        if self.reduction.sharded:
+            costs = self.reduction.sum_floats(costs)
+            first = next(iter(x.values()))
+            total = _GlobalValue.apply(total, torch.tensor(sum(costs.values()), dtype=first.dtype, device=first.device))
+        return total, costs
 
     # ------------------------------------------------------------------ functions of the tangent
     def tangent_point(self, x: dict[str, Tensor]) -> Callable[[Tensor], dict[str, Tensor]]:
@@ -488,7 +520,8 @@ class Problem:
 
     def hessian(self, x: dict[str, Tensor], ctx: Any = None) -> HessianOperator:
         """The Hessian of the cost in the tangent space at ``x``, applied by products only."""
-        return HessianOperator(self.tangent_cost(x, ctx), self.layout(x).zeros(), counters=self.counters)
+        return HessianOperator(self.tangent_cost(x, ctx), self.layout(x).zeros(), counters=self.counters,
+                               reduction=self.reduction)
 
     # ------------------------------------------------------------------ linearization
     def linearize(self, x: dict[str, Tensor], ctx: Any = None, *, jvp_mode: str = "transpose",
@@ -498,7 +531,9 @@ class Problem:
         ``fn(delta) = r(x (+) delta, ctx)`` is differentiated once by ``torch.func.vjp`` (reused for every
         VJP, and transposed for JVPs in the default mode); the per-residual weights and Triggs scalings
         are constants at ``x``. With several terms, each gets its own operator and the result stacks them
-        (:class:`~diffrender.linalg.operator.StackedOperator`).
+        (:class:`~diffrender.linalg.operator.StackedOperator`; also for one term when the graphs are not kept
+        or the problem is sharded). Without ``keep_graphs`` each term's gradient share is taken while its
+        graph exists, and the graph is dropped.
         ``jvp_mode`` picks how JVPs are made (see :mod:`diffrender.linalg.operator`): ``"transpose"``
         (default: fast, memory ~ one forward+backward), ``"linearize"``, or ``"jvp"`` (plain
         ``torch.func.jvp``, best for a handful of products).  A mode that failed once is not retried.
@@ -506,25 +541,35 @@ class Problem:
         layout = self.layout(x)
         at = self.tangent_point(x)
         names = self._select(terms)
-        single = len(names) == 1
-        ops: dict[str, JacobianOperator] = {}
-        residuals, costs = [], {}
+        single = len(names) == 1 and self.keep_graphs and not self.reduction.sharded
+        ops: dict[str, JacobianOperator | RecomputedJacobian] = {}
+        residuals, costs, gradient = [], {}, None
         for term in names:
-            op, residual, term_costs = self._linearize_term(term, at, layout, ctx, jvp_mode,
-                                                            self.counters if single else Counters())
+            counters = self.counters if single else Counters()
+            op, residual, term_costs, rebuild = self._linearize_term(term, at, layout, ctx, jvp_mode, counters)
+            if not self.keep_graphs:
+                g = op.vjp(residual)  # this term's share of the gradient, while its graph exists
+                gradient = g if gradient is None else gradient + g
+                op = RecomputedJacobian(rebuild, op, counters=counters, rebuilds=self.counters)
             ops[term] = op
             residuals.append(residual)
             costs.update(term_costs)
+        costs = self.reduction.sum_floats(costs)
         if single:
             op_all: JacobianOperator | StackedOperator = ops[names[0]]
             residual = residuals[0]
         else:
-            op_all = StackedOperator(ops, counters=self.counters)
             residual = torch.cat(residuals)
+            op_all = StackedOperator(ops, counters=self.counters, reduction=self.reduction,
+                                     known_vjp=None if gradient is None else (residual, gradient))
         return Linearization(op_all, residual, Evaluation(sum(costs.values()), costs), x=x, ctx=ctx, problem=self)
 
-    def _linearize_term(self, term: str, at: Callable[[Tensor], dict[str, Tensor]], layout: ParamLayout, ctx: Any,
-                        jvp_mode: str, counters: Counters) -> tuple[JacobianOperator, Tensor, dict[str, float]]:
+    def _linearize_term(
+        self, term: str, at: Callable[[Tensor], dict[str, Tensor]], layout: ParamLayout, ctx: Any, jvp_mode: str,
+        counters: Counters,
+    ) -> tuple[JacobianOperator, Tensor, dict[str, float], Callable[[], JacobianOperator]]:
+        """The term's operator at ``x``, its whitened residual, block costs, and a function that builds the
+        operator again (same forward; for terms whose graphs are not kept)."""
         names: list[tuple[str, int]] = []
 
         def fn(delta: Tensor) -> Tensor:
@@ -534,10 +579,18 @@ class Problem:
             return self._flat(blocks)
 
         mode = "jvp" if jvp_mode in self._failed_modes else jvp_mode
-        op = JacobianOperator(fn, layout.zeros(), counters=counters, mode=mode,
-                              check=mode not in self._checked_modes)
+        check = [mode not in self._checked_modes]
+        op = JacobianOperator(fn, layout.zeros(), counters=counters, mode=mode, check=check[0])
         if mode == "transpose":
             self._checked_modes.add(mode)
+
+        def rebuild() -> JacobianOperator:
+            now = "jvp" if jvp_mode in self._failed_modes else jvp_mode
+            again = JacobianOperator(fn, layout.zeros(), counters=Counters(), mode=now, check=check[0])
+            check[0] = False  # the first product of a rebuilt operator checks what the first build would have
+            again.on_linearize_failure = lambda err, now=now: self._remember_linearize_failure(now, err)
+            return again
+
         raw = op.value
         res_scale, jac_scale, costs = [], [], {}
         start = 0
@@ -563,7 +616,7 @@ class Problem:
         else:
             residual = raw
         op.on_linearize_failure = lambda err, mode=mode: self._remember_linearize_failure(mode, err)
-        return op, residual, costs
+        return op, residual, costs, rebuild
 
     def _remember_linearize_failure(self, mode: str, err: BaseException) -> None:
         self._failed_modes.add(mode)
@@ -574,3 +627,32 @@ class Problem:
         """Call the user's preconditioner factory, if any."""
         return None if self.preconditioner is None else self.preconditioner(info)
 
+
+
+class _SumGradients(torch.autograd.Function):
+    """Identity on the parameters whose backward sums their gradients over the processes, in one collective
+    (a sharded ``Problem.cost``: each process differentiates its own terms)."""
+
+    @staticmethod
+    def forward(ctx: Any, reduction: Reduction, *xs: Tensor) -> tuple[Tensor, ...]:
+        ctx.reduction = reduction
+        return tuple(x.clone() for x in xs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:
+        total = ctx.reduction.sum(torch.cat([g.reshape(-1) for g in grads]))
+        parts = torch.split(total, [g.numel() for g in grads])
+        return (None, *(p.view_as(g) for p, g in zip(parts, grads, strict=True)))
+
+
+class _GlobalValue(torch.autograd.Function):
+    """``value`` (the cost summed over processes) in the forward; the gradient flows to this process's
+    ``local`` cost, whose graph holds its own terms."""
+
+    @staticmethod
+    def forward(ctx: Any, local: Tensor, value: Tensor) -> Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None

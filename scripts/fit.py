@@ -6,12 +6,16 @@
     python scripts/fit.py -m solver=lm,gn,adam              # sweep: side-by-side TensorBoard runs
     python scripts/fit.py resume=outputs/<run dir>          # continue a run from its checkpoint
     python scripts/fit.py --help                            # groups and their options
+    torchrun --nproc_per_node=2 scripts/fit.py scene=cow_shape   # views sharded over 2 processes
 
 Everything is written into a run directory of its own (README, "Fitting"). Bad input (unknown scene,
 missing asset, unreadable image, size mismatch, out-of-range option, degenerate camera, empty target or
 start, device=cuda without CUDA, a fit too large for the machine's memory) prints one ``error:`` line and
 exits with code 2; a run that fails before its first iteration leaves nothing behind. torch is imported
-only once the config is valid, so ``--help`` and config errors answer at once.
+only once the config is valid, so ``--help`` and config errors answer at once. Under ``torchrun`` the
+processes join one group (``diffrender.distributed``), share rank 0's run directory, and each evaluates
+its share of the views; rank 0 alone logs and writes. A process that fails, or a collective that times out,
+ends each process with one ``error:`` line (exit 1 where it failed, 3 in the others).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from hydra.core.config_store import ConfigStore  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from diffrender import distributed  # noqa: E402
 from diffrender.config import created_run_dirs, register_configs, validate_config  # noqa: E402
 from diffrender.errors import UserError  # noqa: E402
 
@@ -148,6 +153,8 @@ def resolve_device(cfg: DictConfig) -> tuple[Any, Any]:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but CUDA is not available in this torch build/machine; "
                         "use device=cpu or device=auto")
+    if name == "cuda" and distributed.is_initialized():  # one GPU per process of a machine
+        name = f"cuda:{distributed.env_local_rank()}"
     threads = cfg.device.get("threads")
     if threads:
         torch.set_num_threads(int(threads))
@@ -206,48 +213,75 @@ def build_solver(node: DictConfig, **budget: Any) -> Any:
         raise UserError(f"cannot build the solver from _target_={target!r}: {msg}") from None
 
 
-def check_memory(cfg: DictConfig, scene: str, views: int, height: int, width: int) -> None:
-    """Refuse a fit whose estimated peak memory (diffrender.memory) exceeds what the machine has."""
+def dtype_bytes(cfg: DictConfig) -> int:
+    return 8 if str(getattr(cfg.device.dtype, "value", cfg.device.dtype)) == "float64" else 4
+
+
+def memory_budget(cfg: DictConfig) -> float | None:
+    """``device.memory_budget_gb`` in bytes (None: no limit)."""
+    gb = cfg.device.get("memory_budget_gb")
+    return None if gb is None else float(gb) * 1e9
+
+
+def check_memory(cfg: DictConfig, scene: str, views: int, height: int, width: int,
+                 chunk_views: int | None = None) -> None:
+    """Refuse a fit whose estimated peak memory (diffrender.memory) exceeds what the machine has; ``views``
+    are this process's, ``chunk_views`` the chunk size when graphs are rebuilt chunk by chunk."""
     from diffrender import memory
 
     if not cfg.device.get("memory_check", True):
         return
-    dtype_bytes = 8 if str(getattr(cfg.device.dtype, "value", cfg.device.dtype)) == "float64" else 4
-    need = memory.estimate_peak_bytes(scene, views, height, width, dtype_bytes=dtype_bytes)
+    need = memory.estimate_peak_bytes(scene, views, height, width, dtype_bytes=dtype_bytes(cfg),
+                                      chunk_views=chunk_views)
     have = memory.available_bytes()
     if have is not None and need > have:
         raise UserError(f"this fit would need about {memory.gigabytes(need)} of memory at its peak ({scene}, "
                         f"{views} view(s) of {height}x{width} px), but {memory.gigabytes(have)} are available; "
-                        "reduce scene.views or renderer.image_size (device.memory_check=false skips this check)")
+                        "reduce scene.views or renderer.image_size, or lower device.memory_budget_gb "
+                        "(device.memory_check=false skips this check)")
+
+
+def start_renders_something(scene: Any, x: dict[str, Any]) -> bool:
+    """Whether any view shows the mesh at the start (warns about the views that do not)."""
+    alpha = scene.render_fn(x).get("alpha")
+    if alpha is None:
+        return True
+    eps = 1e-4  # the renderer's coverage cutoff: below it no face counts as covering a pixel
+    empty = alpha.detach().flatten(1).amax(dim=1) < eps
+    if bool(empty.any()) and not bool(empty.all()):
+        log.warning(f"views {empty.nonzero().flatten().tolist()} render nothing at the start; "
+                    "they constrain the fit only once the mesh enters them")
+    return not bool(empty.all())
 
 
 def check_targets(scene: Any) -> None:
-    """A target silhouette that is all zero leaves nothing to fit (e.g. an alpha channel that is all 0)."""
-    alpha = scene.target.get("alpha")
-    if alpha is None:
-        return
-    empty = (alpha.detach().flatten(1).amax(dim=1) <= 0).nonzero().flatten().tolist()
-    if empty:
-        raise UserError(f"the target silhouette (alpha) of view {empty[0]} is all zero: nothing to fit "
-                        f"({len(empty)} of {alpha.shape[0]} views empty); check the images' alpha channel")
+    """A target silhouette that is all zero leaves nothing to fit (e.g. an alpha channel that is all 0).
+    Rank 0 (which has every view's target) decides for all processes."""
+
+    def problem() -> str | None:
+        alpha = scene.target.get("alpha")
+        if alpha is None:
+            return None
+        empty = (alpha.detach().flatten(1).amax(dim=1) <= 0).nonzero().flatten().tolist()
+        if empty:
+            return (f"the target silhouette (alpha) of view {empty[0]} is all zero: nothing to fit "
+                    f"({len(empty)} of {alpha.shape[0]} views empty); check the images' alpha channel")
+        return None
+
+    message = distributed.agree(problem)
+    if message:
+        raise UserError(message)
 
 
 def check_start(scene: Any, x: dict[str, Any]) -> None:
     """A start where nothing is visible (mesh behind the camera, off-screen, camera inside it) gives a zero
     gradient: the solver would stop at once and call it converged. Say so and stop. The final-σ render
-    decides "empty"; the first stage's gradient decides whether a blurrier stage still sees something."""
+    (rank 0's, which has every view) decides "empty"; the first stage's gradient (every process: its cost
+    is summed over them) decides whether a blurrier stage still sees something."""
+    if distributed.agree(lambda: start_renders_something(scene, x)):
+        return
     import torch
 
-    alpha = scene.render_fn(x).get("alpha")
-    if alpha is None:
-        return
-    eps = 1e-4  # the renderer's coverage cutoff: below it no face counts as covering a pixel
-    empty = alpha.detach().flatten(1).amax(dim=1) < eps
-    if not bool(empty.all()):
-        if bool(empty.any()):
-            log.warning(f"views {empty.nonzero().flatten().tolist()} render nothing at the start; "
-                        "they constrain the fit only once the mesh enters them")
-        return
     st = scene.stages[0]
     problem = st.make_problem(x)
     xs = {k: x[k].detach().clone().requires_grad_(True) for k in st.keys}
@@ -343,6 +377,8 @@ class FitProgress:
     history: list[dict[str, Any]] = field(default_factory=list)
     solver_seconds: float = 0.0
     stop_requested: bool = False
+    time_up: bool = False  # sharded fits: the processes agreed that the fit's time budget is spent
+    signalled: bool = False  # sharded fits: a process got Ctrl-C / SIGTERM; all stop after this iteration
     last_iteration: int = -1  # the stage's last iteration the callbacks saw
 
     def due(self, every: int) -> bool:
@@ -414,16 +450,24 @@ class Log:
 
 
 class Stop:
-    """``stop_after``: stop (as Ctrl-C would, with a checkpoint) after this many iterations in total."""
+    """``stop_after``: stop (as Ctrl-C would, with a checkpoint) after this many iterations in total.
 
-    def __init__(self, p: FitProgress, stop_after: int | None) -> None:
-        self.p, self.stop_after = p, stop_after
+    In a sharded fit (``agree``: the fit's reduction) the processes also agree here, every iteration, on
+    the stops that clocks and signals decide (the fit's time budget, ``time_up()``; Ctrl-C / SIGTERM,
+    ``SIGNALS``), so that they all stop after the same iteration."""
+
+    def __init__(self, p: FitProgress, stop_after: int | None, agree: Any = None,
+                 time_up: Callable[[], bool] | None = None) -> None:
+        self.p, self.stop_after, self.agree, self.time_up = p, stop_after, agree, time_up
 
     def __call__(self, record: Any, x: dict[str, Any], state: Any = None) -> bool:
         p = self.p
         if self.stop_after is not None and not p.start_point and p.step >= self.stop_after:
             p.stop_requested = True
-        return p.stop_requested
+        if self.agree is not None:
+            time_up, signalled = self.agree.any([self.time_up is not None and self.time_up(), SIGNALS["count"] > 0])
+            p.time_up, p.signalled = p.time_up or time_up, p.signalled or signalled
+        return p.stop_requested or p.time_up or p.signalled
 
 
 class Checkpoint:
@@ -434,7 +478,7 @@ class Checkpoint:
 
     def __call__(self, record: Any, x: dict[str, Any], state: Any = None) -> bool:
         p = self.p
-        if state is not None and not p.start_point and (p.due(self.every) or p.stop_requested):
+        if state is not None and not p.start_point and (p.due(self.every) or p.stop_requested or p.signalled):
             self.save()
         return False
 
@@ -462,14 +506,30 @@ class Fit:
         self.device, self.dtype = resolve_device(cfg)
         torch.manual_seed(int(cfg.seed))
         self.scene_name = str(cfg.scene.name)
+        self.rank, self.world_size, self.reduction = 0, 1, None
+        if distributed.is_initialized():
+            from diffrender.linalg.reduction import AllReduce
+
+            self.reduction = AllReduce(distributed.fit_group(float(cfg.distributed.timeout_s)))
+            self.rank, self.world_size = self.reduction.rank, self.reduction.world_size
         size = cfg.renderer.image_size or cfg.scene.get("image_size")
         if cfg.scene.get("folder") is None and size:  # synthetic scenes: the size is known before the build
-            check_memory(cfg, self.scene_name, int(cfg.scene.get("views", 1)), int(size), int(size))
+            views, chunk = int(cfg.scene.get("views", 1)), None
+            if "view_chunks" in cfg.scene:  # a scene that chunks and shards its views (scenes/views.py)
+                from diffrender.scenes.views import plan_views
+
+                plan = plan_views(self.scene_name, views, int(size), int(size), int(cfg.scene.view_chunks),
+                                  rank=self.rank, world_size=self.world_size, memory_budget=memory_budget(cfg),
+                                  dtype_bytes=dtype_bytes(cfg))
+                views, chunk = len(plan.views_of(self.rank)), None if plan.keep_graphs else plan.chunk_views
+            check_memory(cfg, self.scene_name, views, int(size), int(size), chunk)
         t0 = time.perf_counter()
         cache = Path(cfg.cache_dir)
         ctx = BuildContext(device=self.device, dtype=self.dtype,
                            renderer=OmegaConf.to_container(cfg.renderer, resolve=True),
-                           cache_dir=cache if cache.is_absolute() else ROOT / cache, root=ROOT)
+                           cache_dir=cache if cache.is_absolute() else ROOT / cache, root=ROOT,
+                           memory_budget=memory_budget(cfg), rank=self.rank, world_size=self.world_size,
+                           reduction=self.reduction)
         from hydra.errors import InstantiationException
         from hydra.utils import instantiate
 
@@ -478,6 +538,9 @@ class Fit:
         except InstantiationException as e:
             raise UserError(f"cannot build the scene: {' '.join(str(e).split())}") from None
         self.scene = builder(ctx=ctx)
+        if self.world_size > 1 and self.scene.views is None:
+            log.warning(f"scene {self.scene_name} does not shard its views: each of the {self.world_size} processes "
+                        "evaluates all of them (same result, no speed-up)")
         if cfg.scene.get("folder") is not None:  # user data: the size is known once the images are read
             t = next(iter(self.scene.target.values()))
             check_memory(cfg, self.scene_name, t.shape[0], t.shape[1], t.shape[2])
@@ -493,7 +556,7 @@ class Fit:
             self.p.stage_iterations = list(ckpt.get("stage_iterations", self.p.stage_iterations))
             self.solve_seconds = float(ckpt.get("solve_seconds", 0.0))
             self.resumes = list(ckpt.get("resumes", [])) + [{"at_iteration": self.p.step, "applied": applied or {}}]
-        self.logger = FitLogger(out, enabled=bool(self.lcfg.tensorboard),
+        self.logger = FitLogger(out, enabled=bool(self.lcfg.tensorboard) and self.rank == 0,
                                 purge_step=self.p.step + 1 if ckpt else None, max_views=int(self.lcfg.max_views),
                                 config_text=OmegaConf.to_yaml(OmegaConf.create(config_container(cfg))))
         self.stage_results: list[dict[str, Any]] = list(ckpt.get("stage_results", [])) if ckpt else []
@@ -504,7 +567,7 @@ class Fit:
         from diffrender.checkpoint import save_checkpoint
 
         p = self.p
-        if p.state is None:
+        if p.state is None or self.rank != 0:
             return
         solve_s = self.solve_seconds + (time.perf_counter() - self._stage_t0 if self._stage_t0 else 0.0)
         save_checkpoint(self.out / CHECKPOINT_NAME, {
@@ -512,16 +575,27 @@ class Fit:
             "x": {k: v.detach().cpu().clone() for k, v in p.x.items()}, "state": p.state, "step": p.step,
             "history": p.history, "solver_seconds": p.solver_seconds, "solve_seconds": solve_s,
             "stage_iterations": p.stage_iterations, "stage_results": self.stage_results,
-            "resumes": self.resumes})
+            "resumes": self.resumes, "world_size": self.world_size})
 
     def callbacks(self, x_full: dict[str, Any], bar: Any) -> list[Callable[..., bool]]:
         """Bookkeeping, metrics, logging, stopping and checkpointing, as separate callbacks (in this order:
-        a stop is checkpointed, and the logger still sees the iteration a stop ends)."""
+        a stop is checkpointed, and the logger still sees the iteration a stop ends). In a sharded fit the
+        other ranks only keep count and take part in the stop; rank 0 shows and saves."""
         p, lc = self.p, self.lcfg
+        stop = Stop(p, None if self.cfg.stop_after is None else int(self.cfg.stop_after), self.reduction,
+                    self.time_up if self.reduction is not None else None)
+        if self.rank != 0:
+            return [Track(p, x_full), stop]
         return [Track(p, x_full), Metrics(p, self.scene, int(lc.metrics_every), int(lc.image_every)),
-                Log(p, self.scene, self.logger, bar, lc),
-                Stop(p, None if self.cfg.stop_after is None else int(self.cfg.stop_after)),
+                Log(p, self.scene, self.logger, bar, lc), stop,
                 Checkpoint(p, int(lc.checkpoint_every), self.save_checkpoint)]
+
+    def time_up(self) -> bool:
+        """Whether the fit's ``solver.max_seconds`` is spent (sharded fits: checked in :class:`Stop`, where
+        the processes agree, instead of by each solver on its own clock)."""
+        max_s = self.cfg.solver.get("max_seconds")
+        spent = self.solve_seconds + (time.perf_counter() - self._stage_t0 if self._stage_t0 else 0.0)
+        return max_s is not None and spent >= float(max_s)
 
     def report_unseen(self, result: Any, cbs: list[Callable[..., bool]]) -> None:
         """Records a solver did not pass to the callbacks (ours pass every one; a researcher's own may stop
@@ -543,6 +617,10 @@ class Fit:
         scene, ckpt, p = self.scene, self.ckpt, self.p
         x = {k: v.clone() for k, v in scene.x0.items()}
         start_stage, state = 0, None
+        saved_world = int(ckpt.get("world_size", 1)) if ckpt else self.world_size
+        if saved_world != self.world_size:
+            raise UserError(f"{self.out} was fitted by {saved_world} process(es) and is resumed by {self.world_size}: "
+                            f"resume it with the same number (torchrun --nproc_per_node={saved_world} ...)")
         if ckpt:
             start_stage, state = int(ckpt["stage"]), ckpt["state"]
             x.update({k: v.to(self.device, self.dtype) for k, v in ckpt["x"].items()})
@@ -556,7 +634,7 @@ class Fit:
         max_it = self.cfg.solver.get("max_iterations")
         max_s = self.cfg.solver.get("max_seconds")
         bar = ProgressBar(int(max_it) if max_it is not None else None,
-                          progress_enabled(str(self.lcfg.progress)), initial=p.step)
+                          progress_enabled(str(self.lcfg.progress)) and self.rank == 0, initial=p.step)
         interrupted, termination, message, t_solve = False, None, "", time.perf_counter()
         try:
             for i in range(start_stage, len(scene.stages)):
@@ -571,6 +649,8 @@ class Fit:
                 if budget["max_seconds"] is not None and budget["max_seconds"] <= 0:
                     termination, message = "time_limit", f"reached max_seconds = {max_s} (whole fit)"
                     break
+                if self.reduction is not None:  # the processes agree on the time budget in Stop
+                    budget["max_seconds"] = None
                 solver = build_solver(self.cfg.solver, **budget)
                 problem = st.make_problem(x)
                 xs = {k: x[k] for k in st.keys}
@@ -590,7 +670,7 @@ class Fit:
                 finally:
                     self.solve_seconds += time.perf_counter() - self._stage_t0
                     self._stage_t0 = None
-                self.report_unseen(result, cbs[:3])
+                self.report_unseen(result, [c for c in cbs if isinstance(c, Track | Metrics | Log)])
                 state = None
                 x.update({k: v.detach() for k, v in result.x.items()})
                 p.x = x
@@ -613,7 +693,12 @@ class Fit:
                     interrupted = True
                     if p.state is not None:
                         self.save_checkpoint()
-                if termination in ("interrupted", "failure", "max_iterations", "time_limit") or p.stop_requested:
+                if p.signalled:
+                    interrupted = True
+                if p.time_up:
+                    termination, message = "time_limit", f"reached max_seconds = {max_s} (whole fit)"
+                if termination in ("interrupted", "failure", "max_iterations", "time_limit") or p.stop_requested \
+                        or p.signalled:
                     break  # with a shared budget, a stage that used it up leaves none for the next
         except KeyboardInterrupt:
             interrupted = True
@@ -640,7 +725,9 @@ class Fit:
             "budget": {"max_iterations": self.cfg.solver.get("max_iterations"),
                        "max_seconds": self.cfg.solver.get("max_seconds")},
             "final_cost": last.get("final_cost"), "final_metrics": metrics, "stages": self.stage_results,
-            "resumes": self.resumes,
+            "resumes": self.resumes, "world_size": self.world_size,
+            "views": self.scene.views.describe() if self.scene.views is not None else None,
+            "memory_budget_gb": self.cfg.device.get("memory_budget_gb"),
             "timings": {"build_s": self.build_s, "solve_wall_s": solve_s, "solver_s": self.p.solver_seconds},
             "peak_rss_mb": peak_rss_mb(),
             "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda" else None,
@@ -668,7 +755,10 @@ class Fit:
 
     def finish(self, x: dict[str, Any], termination: str, message: str, solve_s: float) -> dict[str, Any]:
         """Final metrics, outputs and summary.json. A second Ctrl-C (or SIGTERM) while they are written still
-        leaves a summary.json, marked interrupted."""
+        leaves a summary.json, marked interrupted. Rank 0 alone writes (the others return what ended the fit)."""
+        if self.rank != 0:
+            self.logger.close()
+            return {"termination": termination, "message": message, "run_dir": str(self.out)}
         metrics: dict[str, float] = {}
         files: list[str] = []
         summary = self.summary(termination, message, metrics, files, solve_s)
@@ -737,26 +827,64 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+SIGNALS = {"count": 0}  # sharded fits: Ctrl-C / SIGTERM seen by this process (Stop makes all processes agree)
+
+
+def _note_signal(signum: int, frame: Any) -> None:
+    """A sharded fit stops after the iteration in which any process got the signal (every process must
+    stop at the same point, or the others would wait for it); a second signal interrupts at once."""
+    SIGNALS["count"] += 1
+    if SIGNALS["count"] > 1:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _error_line(text: str) -> str:
+    """One line, prefixed with the rank in a sharded fit."""
+    where = f"rank {distributed.env_rank()} of {distributed.env_world_size()}: " if distributed.is_initialized() else ""
+    return f"error: {where}{' '.join(str(text).split())}"
+
+
 def cli(cfg: DictConfig, out: Path, overrides: list[str]) -> int:
     """A fit as the command line runs it; returns the exit code. 0: done (or stopped, or interrupted with
     outputs written); 2: bad input or a failed solve, with one ``error:`` line on stderr (and, before the
     first iteration, the fresh run directory removed); 130: interrupted before the first iteration."""
+    from diffrender.linalg.reduction import ReductionError
+
     in_main = _is_main_thread()
+    sharded = distributed.is_initialized()
     if in_main:  # SIGTERM stops the fit like Ctrl-C: best state, outputs, summary.json marked interrupted
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGTERM, _note_signal if sharded else _raise_interrupt)
+        if sharded:
+            signal.signal(signal.SIGINT, _note_signal)
     try:
         summary = run(cfg, out, overrides)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(_error_line(str(e)), file=sys.stderr)
         remove_fresh_run_dir(out)
         return 2
     except KeyboardInterrupt:
         print("interrupted before the first iteration: nothing written", file=sys.stderr)
         remove_fresh_run_dir(out)
         return 130
+    except ReductionError as e:  # another process died or hangs: this one stops, its checkpoint stays as it was
+        print(_error_line(f"{e}; another process of this fit failed or stopped answering (see its own error "
+                          f"line); the last checkpoint in {out} is intact"), file=sys.stderr)
+        return 3
+    except Exception as e:
+        if not sharded:
+            raise
+        print(_error_line(f"{type(e).__name__}: {e} (HYDRA_FULL_ERROR=1 shows the traceback)"), file=sys.stderr)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        return 1
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            if sharded:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+    distributed.shutdown()
+    if distributed.env_rank() != 0:
+        return 0
     if summary["termination"] == "failure":
         print(f"error: the solver failed ({summary['message'] or 'no message'}); outputs of the best point "
               f"so far are in {summary['run_dir']}", file=sys.stderr)
@@ -764,9 +892,23 @@ def cli(cfg: DictConfig, out: Path, overrides: list[str]) -> int:
     return 0
 
 
+def quiet_other_ranks() -> None:
+    """Ranks other than 0 write no fit.log and print only warnings and errors (rank 0 logs the fit)."""
+    if distributed.env_rank() == 0:
+        return
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler):
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(logging.WARNING)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
+    if distributed.is_initialized():
+        quiet_other_ranks()
     code = cli(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
     if code:
         sys.exit(code)
@@ -776,4 +918,5 @@ if __name__ == "__main__":
     register_configs()
     check_group_choices(sys.argv[1:])
     check_solver_overrides(sys.argv[1:])
+    distributed.init_from_env()  # under torchrun: join the other processes (before Hydra makes the run dir)
     main()

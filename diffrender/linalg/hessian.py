@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from diffrender.linalg.operator import Counters
+from diffrender.linalg.reduction import IDENTITY, Reduction
 
 __all__ = ["HessianOperator"]
 
@@ -21,7 +22,8 @@ __all__ = ["HessianOperator"]
 class HessianOperator:
     """``v -> grad^2 f(x0) v`` for ``f: (n,) -> ()``; also ``gradient`` (``grad f(x0): (n,)``) and ``value``."""
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], x0: Tensor, *, counters: Counters | None = None) -> None:
+    def __init__(self, fn: Callable[[Tensor], Tensor], x0: Tensor, *, counters: Counters | None = None,
+                 reduction: Reduction = IDENTITY) -> None:
         if x0.dim() != 1:
             raise ValueError(f"HessianOperator: x0 must be a flat (n,) vector, got shape {tuple(x0.shape)}")
         self.fn = fn
@@ -29,13 +31,15 @@ class HessianOperator:
         self.n = x0.numel()
         self.counters = counters if counters is not None else Counters()
         self._grad = torch.func.grad_and_value(fn)
+        self.reduction = reduction  # fn is this process's share of a sharded cost: sum over processes
         gradient, value = self._grad(self.x0)
-        self.gradient, self.value = gradient.detach(), value.detach()
+        self.gradient = reduction.sum(gradient.detach())
+        self.value = reduction.sum(value.detach().reshape(1))[0]
 
     def hvp(self, v: Tensor) -> Tensor:
         """``H v``: ``v: (n,) -> (n,)``."""
         self.counters.hvps += 1
-        return torch.func.jvp(lambda x: self._grad(x)[0], (self.x0,), (v,))[1]
+        return self.reduction.sum(torch.func.jvp(lambda x: self._grad(x)[0], (self.x0,), (v,))[1])
 
     def dense(self) -> Tensor:
         """The explicit symmetric ``H: (n, n)`` from ``n`` products (small ``n`` only)."""

@@ -14,19 +14,26 @@ For ``fn: (n,) -> (m,)`` at a point ``x0``, ``torch.func.vjp`` is built once and
 
 ``J^T J v = J^T (J v)``: the Jacobian is never stored, except by :meth:`JacobianOperator.columns` for
 small ``n`` (dense path, ``m x n`` memory).  If the chosen mode fails, products fall back to ``"jvp"``.
+
+Several residual terms stack into a :class:`StackedOperator`; a term whose graph is not kept (bounded
+memory) is a :class:`RecomputedJacobian`, rebuilt for each product and freed after it; a
+:class:`~diffrender.linalg.reduction.Reduction` sums the stacked products over processes (sharded fits).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["Counters", "JacobianOperator"]
+from diffrender.linalg.reduction import IDENTITY, Reduction
+
+__all__ = ["Counters", "JacobianOperator", "RecomputedJacobian", "StackedOperator"]
 
 
 @dataclass
@@ -35,7 +42,8 @@ class Counters:
 
     ``residual_evals``: residual-function calls for cost evaluation; ``linearizations``: operator builds
     (each traces the residual function: one forward for the VJP, one more for ``linearize`` on first use);
-    ``jvps`` / ``vjps``: Jacobian products; ``hvps``: Hessian-vector products of the cost.
+    ``jvps`` / ``vjps``: Jacobian products; ``hvps``: Hessian-vector products of the cost; ``rebuilds``:
+    forwards recomputed by terms whose graphs are not kept (:class:`RecomputedJacobian`).
     """
 
     residual_evals: int = 0
@@ -43,6 +51,7 @@ class Counters:
     jvps: int = 0
     vjps: int = 0
     hvps: int = 0
+    rebuilds: int = 0
 
     def snapshot(self) -> Counters:
         return dataclasses.replace(self)
@@ -173,6 +182,14 @@ class JacobianOperator:
         """``J~^T J~ v``: ``(n,) -> (n,)``, one JVP and one VJP."""
         return self.vjp(self.jvp(v))
 
+    def dot(self, a: Tensor, b: Tensor) -> Tensor:
+        """``<a, b>`` of two residual-space vectors ``(m,)`` (e.g. ``||J~ u||^2``), a 0-d tensor."""
+        return a @ b
+
+    def norm(self, w: Tensor) -> float:
+        """``||w||`` of a residual-space vector ``(m,)``."""
+        return float(torch.linalg.vector_norm(w))
+
     # ------------------------------------------------------------------ small-n helpers
     def columns(self) -> Tensor:
         """The explicit ``J~: (m, n)`` from ``n`` JVPs (cached).  Only for small ``n``: ``m n`` memory."""
@@ -218,15 +235,96 @@ class JacobianOperator:
         return acc / probes
 
 
-class StackedOperator:
-    """``J = [J_1; J_2; ...]``: the Jacobians of several residual terms at one ``x0``, each its own
-    :class:`JacobianOperator` (its own graph), applied together or over a subset of terms.
+class RecomputedJacobian:
+    """The Jacobian of one residual term whose graph is not kept (bounded memory).
 
-    ``J^T J v = sum_t J_t^T J_t v`` needs no concatenation, and a subset of terms gives a cheaper,
-    subsampled curvature product (:meth:`jtj` with ``terms``). Products count once in ``counters``.
+    ``build()`` returns a fresh :class:`JacobianOperator` of the term at the same point (one forward
+    with its VJP graph); every product builds one, applies it and lets it go, so at most one term's graph
+    is alive and the peak memory of many terms follows the largest term, not their number. Each product
+    costs one more forward than with a kept graph; the products are the same (the forward is the same
+    computation). ``first`` is the operator built at linearization, whose value and row scale are kept.
+    ``rebuilds`` counts the forwards in the owner's counters.
     """
 
-    def __init__(self, ops: dict[str, JacobianOperator], *, counters: Counters | None = None) -> None:
+    def __init__(self, build: Callable[[], JacobianOperator], first: JacobianOperator, *,
+                 counters: Counters | None = None, rebuilds: Counters | None = None) -> None:
+        self.build = build
+        self.n, self.m, self.x0 = first.n, first.m, first.x0
+        self.value = first.value
+        self.row_scale = first.row_scale
+        self.counters = counters if counters is not None else Counters()
+        self.rebuilds = rebuilds if rebuilds is not None else self.counters
+
+    def _op(self) -> JacobianOperator:
+        self.rebuilds.rebuilds += 1
+        op = self.build()
+        op.row_scale = self.row_scale
+        return op
+
+    def jvp(self, u: Tensor) -> Tensor:
+        """``J~ u``: ``(n,) -> (m,)``."""
+        self.counters.jvps += 1
+        return self._op().jvp(u)
+
+    def vjp(self, w: Tensor) -> Tensor:
+        """``J~^T w``: ``(m,) -> (n,)``."""
+        self.counters.vjps += 1
+        return self._op().vjp(w)
+
+    def jtj(self, v: Tensor) -> Tensor:
+        """``J~^T J~ v`` on one rebuilt graph."""
+        self.counters.jvps += 1
+        self.counters.vjps += 1
+        return self._op().jtj(v)
+
+    def columns(self) -> Tensor:
+        """The explicit ``J~: (m, n)`` (not cached: ``m n`` memory is what this class avoids keeping)."""
+        self.counters.jvps += self.n
+        return self._op().columns()
+
+    def dense_jtj(self) -> Tensor:
+        self.counters.jvps += self.n
+        return self._op().dense_jtj()
+
+    def diag_exact(self) -> Tensor:
+        self.counters.jvps += self.n
+        return self._op().diag_exact()
+
+    def diag_hutchinson(self, probes: int, generator: torch.Generator | None = None) -> Tensor:
+        """Hutchinson's estimate on one rebuilt graph (all probes share it)."""
+        self.counters.vjps += probes
+        return self._op().diag_hutchinson(probes, generator)
+
+
+Term = JacobianOperator | RecomputedJacobian
+
+
+def term_generators(generator: torch.Generator | None, names: list[str]) -> dict[str, torch.Generator | None]:
+    """One CPU generator per term, seeded from one draw of ``generator`` and the term's name: a term's
+    random probes do not depend on which other terms this process holds (sharded fits draw the same probes
+    as one process)."""
+    if generator is None:
+        return dict.fromkeys(names)
+    base = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return {name: torch.Generator().manual_seed((base ^ zlib.crc32(name.encode())) % 2**63) for name in names}
+
+
+class StackedOperator:
+    """``J = [J_1; J_2; ...]``: the Jacobians of several residual terms at one ``x0``, each its own
+    operator (its own graph, or a graph rebuilt per product), applied together or over a subset of terms.
+
+    ``J^T J v = sum_t J_t^T J_t v`` needs no concatenation, and a subset of terms gives a cheaper,
+    subsampled curvature product (:meth:`jtj` with ``terms``; names this process does not hold are
+    skipped). Products count once in ``counters``. With a sharding ``reduction`` the terms are this
+    process's share: every sum over residuals (``vjp``, ``jtj``, ``dense_jtj``, the diagonals, ``dot``,
+    ``norm``) is summed over the processes, one collective per product, while ``jvp``, ``value`` and
+    ``columns`` give this process's rows (``m_local`` of them); ``m`` counts the residuals of all processes.
+    ``known_vjp = (w, J~^T w)``: a product already computed (the gradient, when the terms were built
+    one at a time), returned when :meth:`vjp` is asked for that same tensor ``w``.
+    """
+
+    def __init__(self, ops: dict[str, Term], *, counters: Counters | None = None,
+                 reduction: Reduction = IDENTITY, known_vjp: tuple[Tensor, Tensor] | None = None) -> None:
         if not ops:
             raise ValueError("StackedOperator: needs at least one term")
         self.ops = dict(ops)
@@ -234,9 +332,15 @@ class StackedOperator:
         self.n = first.n
         self.x0 = first.x0
         self.sizes = {name: op.m for name, op in self.ops.items()}
-        self.m = sum(self.sizes.values())
+        self.m_local = sum(self.sizes.values())
+        self.reduction = reduction
+        self.m = self.m_local
+        if reduction.sharded:  # one small collective per linearization
+            total = torch.tensor([self.m_local], dtype=torch.int64, device=self.x0.device)
+            self.m = int(reduction.sum(total).item())
         self.counters = counters if counters is not None else Counters()
         self.counters.linearizations += 1
+        self._known_vjp = known_vjp
 
     @property
     def value(self) -> Tensor:
@@ -246,41 +350,55 @@ class StackedOperator:
         return dict(zip(self.ops, torch.split(w, list(self.sizes.values())), strict=True))
 
     def jvp(self, u: Tensor) -> Tensor:
-        """``J~ u``: ``(n,) -> (m,)``, the terms' products stacked."""
+        """``J~ u``: ``(n,) -> (m_local,)``, the terms' products stacked."""
         self.counters.jvps += 1
         return torch.cat([op.jvp(u) for op in self.ops.values()])
 
     def vjp(self, w: Tensor) -> Tensor:
-        """``J~^T w``: ``(m,) -> (n,)``, summed over the terms."""
+        """``J~^T w``: ``(m_local,) -> (n,)``, summed over the terms (and processes)."""
         self.counters.vjps += 1
+        if self._known_vjp is not None and w is self._known_vjp[0]:
+            return self.reduction.sum(self._known_vjp[1])
         parts = self._split(w)
-        return sum(op.vjp(parts[name]) for name, op in self.ops.items())
+        return self.reduction.sum(sum(op.vjp(parts[name]) for name, op in self.ops.items()))
 
     def jtj(self, v: Tensor, terms: list[str] | None = None) -> Tensor:
         """``sum_t J~_t^T J~_t v`` over ``terms`` (default all): one JVP and one VJP per term."""
         self.counters.jvps += 1
         self.counters.vjps += 1
-        names = list(self.ops) if terms is None else terms
+        names = list(self.ops) if terms is None else [t for t in terms if t in self.ops]
         out = torch.zeros_like(v)
         for name in names:
             out = out + self.ops[name].jtj(v)
-        return out
+        return self.reduction.sum(out)
+
+    def dot(self, a: Tensor, b: Tensor) -> Tensor:
+        """``<a, b>`` of two residual-space vectors ``(m_local,)``, summed over processes: a 0-d tensor."""
+        return self.reduction.sum((a @ b).reshape(1))[0] if self.reduction.sharded else a @ b
+
+    def norm(self, w: Tensor) -> float:
+        """``||w||`` of a residual-space vector over all processes."""
+        if not self.reduction.sharded:
+            return float(torch.linalg.vector_norm(w))
+        return float(self.dot(w, w).clamp_min(0).sqrt())
 
     def columns(self) -> Tensor:
-        """The explicit ``J~: (m, n)``, the terms' columns stacked (small ``n`` only)."""
+        """The explicit ``J~: (m_local, n)``, this process's terms' columns stacked (small ``n`` only)."""
         self.counters.jvps += self.n
         return torch.cat([op.columns() for op in self.ops.values()])
 
     def dense_jtj(self) -> Tensor:
         self.counters.jvps += self.n
-        return sum(op.dense_jtj() for op in self.ops.values())
+        return self.reduction.sum(sum(op.dense_jtj() for op in self.ops.values()))
 
     def diag_exact(self) -> Tensor:
         self.counters.jvps += self.n
-        return sum(op.diag_exact() for op in self.ops.values())
+        return self.reduction.sum(sum(op.diag_exact() for op in self.ops.values()))
 
     def diag_hutchinson(self, probes: int, generator: torch.Generator | None = None) -> Tensor:
         """Hutchinson's estimate term by term, ``sum_t mean_k (J~_t^T s_k)^2``: the same expectation as on
-        the stacked ``J~`` without the cross-term noise between terms."""
+        the stacked ``J~`` without the cross-term noise between terms. Each term draws its probes from
+        its own generator (:func:`term_generators`), so the estimate does not depend on the sharding."""
         self.counters.vjps += probes
-        return sum(op.diag_hutchinson(probes, generator) for op in self.ops.values())
+        gens = term_generators(generator, list(self.ops))
+        return self.reduction.sum(sum(op.diag_hutchinson(probes, gens[name]) for name, op in self.ops.items()))

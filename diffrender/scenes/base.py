@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +29,19 @@ Params = dict[str, Tensor]
 class BuildContext:
     """What a builder needs besides its own config: where and how to put tensors, renderer
     overrides (``None`` fields keep the scene's defaults), the target cache and the project root
-    against which relative asset paths are resolved."""
+    against which relative asset paths are resolved. Multi-view scenes also read the peak memory to aim
+    for (``memory_budget`` bytes, None: no limit) and, in a sharded fit, this process's ``rank`` among
+    ``world_size`` and the ``reduction`` their problems sum with (:mod:`diffrender.scenes.views`)."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     renderer: dict[str, Any] = field(default_factory=dict)
     cache_dir: Path | None = None
     root: Path = field(default_factory=Path.cwd)
+    memory_budget: float | None = None
+    rank: int = 0
+    world_size: int = 1
+    reduction: Any = None
 
     def path(self, p: str | Path) -> Path:
         """Relative paths: the current directory first (the user's own data), then the project root
@@ -75,6 +82,8 @@ class Scene:
     of the same kinds for visualization at the final settings; metrics_fn(x, images): floats (``iou``,
     ``psnr`` and ground-truth errors when known); save_fn(x, out_dir): writes fitted parameters (OBJ /
     JSON) and returns the file names; mesh_fn(x): (verts, faces, colors or None) for shape scenes.
+    In a sharded fit, ``target``, ``render_fn`` and ``metrics_fn`` cover every view in rank 0 (which alone
+    shows and saves results); other ranks hold the targets of their own views only.
     """
 
     name: str
@@ -86,6 +95,7 @@ class Scene:
     save_fn: Callable[[Params, Path], list[str]]
     mesh_fn: Callable[[Params], tuple[Tensor, Tensor, Tensor | None]] | None = None
     ground_truth: dict[str, Any] | None = None
+    views: Any = None  # a ViewPlan when the scene chunks (and shards) its views; None: one term, every process
 
     def display(self, images: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(render, target) pair to show: color when the scene has color targets, else silhouettes."""
@@ -155,9 +165,10 @@ def image_metrics(images: dict[str, Tensor], target: dict[str, Tensor]) -> dict[
 
 
 def cached(ctx: BuildContext, key: dict[str, Any],
-           make: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+           make: Callable[[], dict[str, Tensor]], store: bool = True) -> dict[str, Tensor]:
     """Synthetic targets rendered once: ``torch.save`` under the cache directory, keyed by a hash of
-    ``key`` (scene config, dtype, renderer settings, the asset files' size and mtime)."""
+    ``key`` (scene config, dtype, renderer settings, the asset files' size and mtime). ``store=False``:
+    use the cache but do not write it (``make`` renders only part of the targets, e.g. one process's views)."""
     if ctx.cache_dir is None:
         return make()
     blob = json.dumps(key, sort_keys=True, default=str).encode()
@@ -169,8 +180,10 @@ def cached(ctx: BuildContext, key: dict[str, Any],
         except Exception:
             pass  # a stale or partial cache file: render again
     data = make()
+    if not store:
+        return data
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes of a sharded fit may write at once
     torch.save({k: v.detach().cpu() for k, v in data.items()}, tmp)
     tmp.replace(path)
     return data

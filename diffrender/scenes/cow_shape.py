@@ -5,6 +5,10 @@ stage). Residual blocks: ``silhouette`` (soft α − target α, all views), ``co
 rgb, color stage only), and the regularizers ``laplacian``, ``edge`` and ``normal`` with their weights.
 Stages: one silhouette stage per σ of the coarse-to-fine schedule, then (``color_stage``) one stage that
 frees the colors too. The CG solve gets the (I + λL)^{-1} preconditioner on the offsets.
+Views are split into chunks, one residual term each (blocks ``silhouette/<k>``, ``color/<k>``), when
+``view_chunks`` asks for it, when the memory budget needs it (graphs then rebuilt per product), or when the
+fit is sharded over processes (each builds its own chunks; rank 0 the regularizers): see
+:mod:`diffrender.scenes.views`. Targets and renders for display go chunk by chunk without gradients.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from diffrender.scenes.regularizers import (
     laplacian_residual,
     normal_residual,
 )
+from diffrender.scenes.views import plan_views, render_views
 
 
 def default_lights(dtype: torch.dtype, device: torch.device):
@@ -40,12 +45,6 @@ def default_lights(dtype: torch.dtype, device: torch.device):
 
     return Lights.create(ambient=(0.4, 0.4, 0.4), directional_dirs=[(-0.3, -0.6, -0.7)],
                          directional_colors=[(0.7, 0.7, 0.7)], dtype=dtype, device=device)
-
-
-def view_chunks_of(views: int, chunks: int) -> list[list[int]]:
-    """Split ``views`` view indices into ``chunks`` contiguous, near-equal groups (at most one per view)."""
-    chunks = max(1, min(chunks, views))
-    return [list(range(views * k // chunks, views * (k + 1) // chunks)) for k in range(chunks)]
 
 
 def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule: list[float],
@@ -71,10 +70,14 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     lights = default_lights(ctx.dtype, ctx.device)
     has_color = bool(color_stage) and (gt.texture is not None or gt.colors is not None)
 
+    plan = plan_views(name, int(views), size, size, int(view_chunks), rank=ctx.rank, world_size=ctx.world_size,
+                      memory_budget=ctx.memory_budget, dtype_bytes=torch.finfo(ctx.dtype).bits // 8)
+    # rank 0 shows and saves results: it needs every view's target; the others only their own views'
+    needed = plan.views if ctx.rank == 0 else plan.views_of(ctx.rank)
+
     def render_gt(settings, rgb: bool):
-        with torch.no_grad():
-            return R.render_mesh(gt, cam, settings, lights=lights if rgb else None,
-                                 outputs=("alpha", "rgb") if rgb else ("alpha",))
+        return render_views(cam, needed, plan.chunk_views, lambda c: R.render_mesh(
+            gt, c, settings, lights=lights if rgb else None, outputs=("alpha", "rgb") if rgb else ("alpha",)))
 
     def make_targets():
         out = {f"alpha_{i}": render_gt(render_settings(s, gamma, ctx), False)["alpha"] for i, s in enumerate(sigmas)}
@@ -85,7 +88,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     key = dict(scene=name, mesh=file_key(ctx.asset(mesh)), size=size, sigmas=sigmas, gamma=final.gamma,
                fov=fov_deg, views=views, distance=distance, elev=list(elevations_deg), color=has_color,
                dtype=str(ctx.dtype), cull=final.cull_backfaces, eps=final.eps, margin=final.margin_px)
-    targets = cached(ctx, key, make_targets)
+    targets = cached(ctx, key, make_targets, store=len(needed) == int(cam.num_views))
     weights = {"silhouette": w_silhouette, "laplacian": w_laplacian, "edge": w_edge, "normal": w_normal}
     pre = None
     if preconditioner_lambda > 0:
@@ -95,60 +98,58 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
         return {"laplacian": laplacian_residual(v, topo), "edge": edge_residual(v, topo),
                 "normal": normal_residual(v, faces, topo)}
 
-    chunks = view_chunks_of(int(cam.num_views), int(view_chunks))
+    def problem(settings, image_residuals, block_weights: dict[str, float]):
+        """The stage's Problem: one term of every view (the plain problem), or one term per chunk of views
+        that this process owns (``views/<k>``, blocks ``<kind>/<k>``), plus ``regularizers`` in rank 0."""
+        from diffrender.problem import Problem
+
+        if plan.single:
+            def residuals(p, pairs):
+                return {**image_residuals(p, cam, pairs, None), **regularizers(base + p["offsets"])}
+
+            return Problem(residuals, prepare=lambda p: R.prepare(base + p["offsets"], faces, cam, settings),
+                           weights={**weights, **block_weights}, preconditioner=pre)
+        terms, prepares, chunk_weights = {}, {}, {}
+        for k in plan.local_chunks:
+            idx = list(plan.chunks[k])
+            cam_k = cam.select(idx)
+            terms[f"views/{k}"] = lambda p, pairs, cam_k=cam_k, k=k, idx=idx: image_residuals(p, cam_k, pairs, (k, idx))
+            prepares[f"views/{k}"] = lambda p, cam_k=cam_k: R.prepare(base + p["offsets"], faces, cam_k, settings)
+            chunk_weights.update({f"{b}/{k}": w for b, w in block_weights.items()})
+        if ctx.rank == 0:
+            terms["regularizers"] = lambda p, _: regularizers(base + p["offsets"])
+            chunk_weights.update({b: weights[b] for b in ("laplacian", "edge", "normal")})
+        every = [f"views/{k}" for k in range(len(plan.chunks))] + ["regularizers"]
+        return Problem(terms, prepare=prepares, weights=chunk_weights, preconditioner=pre,
+                       sampled_terms=every[:-1], keep_graphs=plan.keep_graphs, reduction=ctx.reduction,
+                       remote_terms=[t for t in every if t not in terms])
+
+    def named(blocks: dict, chunk) -> dict:
+        return blocks if chunk is None else {f"{b}/{chunk[0]}": r for b, r in blocks.items()}
 
     def silhouette_stage(i: int, s: float) -> Stage:
         settings = render_settings(s, gamma, ctx)
         tgt = targets[f"alpha_{i}"]
 
-        def make_problem(x: Params):
-            from diffrender.problem import Problem
+        def image_residuals(p, cam_k, pairs, chunk):
+            alpha = R.render(base + p["offsets"], faces, cam_k, pairs, settings, outputs=("alpha",))["alpha"]
+            return named({"silhouette": alpha - (tgt if chunk is None else tgt[chunk[1]])}, chunk)
 
-            if len(chunks) == 1:
-                def residuals(p, pairs):
-                    v = base + p["offsets"]
-                    alpha = R.render(v, faces, cam, pairs, settings, outputs=("alpha",))["alpha"]
-                    return {"silhouette": alpha - tgt, **regularizers(v)}
-
-                return Problem(residuals, prepare=lambda p: R.prepare(base + p["offsets"], faces, cam, settings),
-                               weights=weights, preconditioner=pre)
-            # one residual term per chunk of views (a solver may subsample their curvature), one for the
-            # regularizers
-            terms, prepares, chunk_weights = {}, {}, dict(weights)
-            for k, idx in enumerate(chunks):
-                cam_k, tgt_k, name = cam.select(idx), tgt[idx], f"silhouette/{k}"
-
-                def term(p, pairs, cam_k=cam_k, tgt_k=tgt_k, name=name):
-                    alpha = R.render(base + p["offsets"], faces, cam_k, pairs, settings, outputs=("alpha",))
-                    return {name: alpha["alpha"] - tgt_k}
-
-                terms[f"views/{k}"] = term
-                prepares[f"views/{k}"] = lambda p, cam_k=cam_k: R.prepare(base + p["offsets"], faces, cam_k, settings)
-                chunk_weights[name] = w_silhouette
-            terms["regularizers"] = lambda p, ctx: regularizers(base + p["offsets"])
-            del chunk_weights["silhouette"]
-            return Problem(terms, prepare=prepares, weights=chunk_weights, preconditioner=pre,
-                           sampled_terms=[t for t in terms if t != "regularizers"])
-
-        return Stage(f"silhouette sigma={s:g}", ["offsets"], make_problem)
+        return Stage(f"silhouette sigma={s:g}", ["offsets"],
+                     lambda x: problem(settings, image_residuals, {"silhouette": w_silhouette}))
 
     def color_stage_(s: float) -> Stage:
         settings = render_settings(s, gamma, ctx)
         tgt_a, tgt_rgb = targets[f"alpha_{len(sigmas) - 1}"], targets["rgb"]
 
-        def make_problem(x: Params):
-            from diffrender.problem import Problem
+        def image_residuals(p, cam_k, pairs, chunk):
+            out = R.render(base + p["offsets"], faces, cam_k, pairs, settings, colors=p["colors"], lights=lights,
+                           outputs=("alpha", "rgb"))
+            a, c = (tgt_a, tgt_rgb) if chunk is None else (tgt_a[chunk[1]], tgt_rgb[chunk[1]])
+            return named({"silhouette": out["alpha"] - a, "color": out["rgb"] - c}, chunk)
 
-            def residuals(p, pairs):
-                v = base + p["offsets"]
-                out = R.render(v, faces, cam, pairs, settings, colors=p["colors"], lights=lights,
-                               outputs=("alpha", "rgb"))
-                return {"silhouette": out["alpha"] - tgt_a, "color": out["rgb"] - tgt_rgb, **regularizers(v)}
-
-            return Problem(residuals, prepare=lambda p: R.prepare(base + p["offsets"], faces, cam, settings),
-                           weights={**weights, "color": w_color}, preconditioner=pre)
-
-        return Stage("color", ["offsets", "colors"], make_problem)
+        return Stage("color", ["offsets", "colors"],
+                     lambda x: problem(settings, image_residuals, {"silhouette": w_silhouette, "color": w_color}))
 
     stages = [silhouette_stage(i, s) for i, s in enumerate(sigmas)]
     x0 = {"offsets": torch.zeros_like(base)}
@@ -160,12 +161,15 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
 
     def render_fn(x: Params):
         v = base + x["offsets"]
-        with torch.no_grad():
-            pairs = R.prepare(v, faces, cam, final)
+
+        def one(c):
+            pairs = R.prepare(v, faces, c, final)
             if has_color:
-                return R.render(v, faces, cam, pairs, final, colors=x["colors"].clamp(0, 1), lights=lights,
+                return R.render(v, faces, c, pairs, final, colors=x["colors"].clamp(0, 1), lights=lights,
                                 outputs=("alpha", "rgb"))
-            return R.render(v, faces, cam, pairs, final, outputs=("alpha",))
+            return R.render(v, faces, c, pairs, final, outputs=("alpha",))
+
+        return render_views(cam, plan.views, plan.chunk_views, one)
 
     def metrics_fn(x: Params, images):
         return {**image_metrics(images, target), "chamfer": chamfer(base + x["offsets"], gt.verts)}
@@ -179,4 +183,5 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
         return ["mesh.obj"]
 
     return Scene(name=name, x0=x0, stages=stages, target=target, render_fn=render_fn, metrics_fn=metrics_fn,
-                 save_fn=save_fn, mesh_fn=mesh_fn, ground_truth={"verts": gt.verts, "faces": gt.faces})
+                 save_fn=save_fn, mesh_fn=mesh_fn, ground_truth={"verts": gt.verts, "faces": gt.faces},
+                 views=None if plan.single else plan)

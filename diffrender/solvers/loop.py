@@ -153,7 +153,7 @@ class SecondOrderSolver(Solver):
         frac = self.options.curvature_subsample
         if frac >= 1.0 or not isinstance(op, StackedOperator):
             return op.jtj
-        sampled = [t for t in problem.sampled_terms if t in op.ops]
+        sampled = [t for t in problem.sampled_terms if t in op.ops or t in problem.remote_terms]
         fixed = [t for t in op.ops if t not in sampled]
         if not sampled:
             return op.jtj
@@ -219,7 +219,7 @@ class SecondOrderSolver(Solver):
                 return "gradient_tolerance"
             return None
         # MINPACK (lmder): max_j |(J^T r)_j| / (||J_j|| ||r||); columns with ||J_j|| = 0 do not count
-        rnorm = float(torch.linalg.vector_norm(lin.residual))
+        rnorm = lin.op.norm(lin.residual)
         col = self.diagonal(state, ws).sqrt()
         cos = torch.where(col > 0, lin.gradient.abs() / (col * max(rnorm, 1e-300)), torch.zeros_like(col))
         worst = float(cos.max()) if cos.numel() else 0.0

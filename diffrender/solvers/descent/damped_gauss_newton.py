@@ -71,7 +71,7 @@ class DampedGaussNewton(Descent):
             delta = sol.x
             if o.exact_model_decrease:
                 jd = op.jvp(delta)
-                pred = -float(g @ delta + 0.5 * jd @ jd)
+                pred = -float(g @ delta + 0.5 * op.dot(jd, jd))
             else:  # -Q(delta) of the damped system minus the damping's share: no extra product
                 pred = sol.model_decrease + 0.5 * float(delta @ (damping * delta))
         if not bool(torch.isfinite(delta).all()):

@@ -65,7 +65,7 @@ class Dogleg(Descent):
             jp = None
         else:
             jp = op.jvp(p)
-            curv = float(jp @ jp)
+            curv = float(op.dot(jp, jp))
         gp = float(g @ p)
         bounded = curv > 0 and math.isfinite(curv)
         alpha = gp / curv if bounded else 1.0
@@ -119,7 +119,7 @@ class Dogleg(Descent):
             h = ws.lin.dense_jtj()
             pred = -float(g @ delta + 0.5 * delta @ (h @ delta))
         else:
-            pred = -float(g @ delta + 0.5 * j_delta @ j_delta)
+            pred = -float(g @ delta + 0.5 * ws.lin.op.dot(j_delta, j_delta))
         norm = float(torch.linalg.vector_norm(pts.d * delta))
         return Step(delta, pred, norm=norm, cg_iterations=pts.cg_iterations if first else 0,
                     on_boundary=on_boundary)
