@@ -848,8 +848,6 @@ def cli(cfg: DictConfig, out: Path, overrides: list[str]) -> int:
     """A fit as the command line runs it; returns the exit code. 0: done (or stopped, or interrupted with
     outputs written); 2: bad input or a failed solve, with one ``error:`` line on stderr (and, before the
     first iteration, the fresh run directory removed); 130: interrupted before the first iteration."""
-    from diffrender.linalg.reduction import ReductionError
-
     in_main = _is_main_thread()
     sharded = distributed.is_initialized()
     if in_main:  # SIGTERM stops the fit like Ctrl-C: best state, outputs, summary.json marked interrupted
@@ -866,13 +864,15 @@ def cli(cfg: DictConfig, out: Path, overrides: list[str]) -> int:
         print("interrupted before the first iteration: nothing written", file=sys.stderr)
         remove_fresh_run_dir(out)
         return 130
-    except ReductionError as e:  # another process died or hangs: this one stops, its checkpoint stays as it was
-        print(_error_line(f"{e}; another process of this fit failed or stopped answering (see its own error "
-                          f"line); the last checkpoint in {out} is intact"), file=sys.stderr)
-        return 3
     except Exception as e:
         if not sharded:
             raise
+        from diffrender.linalg.reduction import ReductionError
+
+        if isinstance(e, ReductionError):  # another process died or hangs: this one stops, its checkpoint stays
+            print(_error_line(f"{e}; another process of this fit failed or stopped answering (see its own error "
+                              f"line); the last checkpoint in {out} is intact"), file=sys.stderr)
+            return 3
         print(_error_line(f"{type(e).__name__}: {e} (HYDRA_FULL_ERROR=1 shows the traceback)"), file=sys.stderr)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -154,7 +154,7 @@ class SecondOrderSolver(Solver):
         if frac >= 1.0 or not isinstance(op, StackedOperator):
             return op.jtj
         sampled = [t for t in problem.sampled_terms if t in op.ops or t in problem.remote_terms]
-        fixed = [t for t in op.ops if t not in sampled]
+        fixed = [t for t in [*op.ops, *problem.remote_terms] if t not in sampled]
         if not sampled:
             return op.jtj
         k = max(1, math.ceil(frac * len(sampled)))
