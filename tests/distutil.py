@@ -106,7 +106,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, scene_kw: dict) -> No
     results["bytes"] = torch.tensor(float(red.bytes))
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
-    short = AllReduce(fit_group(timeout_s=1.0))
+    short = AllReduce(fit_group(timeout_s=0.5))
     if rank == 0:  # rank 1 never joins this sum
         t = time.perf_counter()
         try:
@@ -116,7 +116,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, scene_kw: dict) -> No
             outcome = f"ReductionError after {time.perf_counter() - t:.1f} s: {err}"
         (Path(out_dir) / "timeout.txt").write_text(outcome)
     else:
-        time.sleep(3.0)
+        time.sleep(1.5)
     os._exit(0)  # the timed-out group cannot be torn down cleanly; the results are on disk
 
 
@@ -134,7 +134,7 @@ def scene_fit(rank: int, world: int, reduction, **kw) -> torch.Tensor:
     return res.x["offsets"].reshape(-1)
 
 
-SCENE = dict(name="cow_shape", mesh="assets/spot.obj", image_size=20, sigma=1e-3, sigma_schedule=[],
+SCENE = dict(name="cow_shape", mesh="assets/spot.obj", image_size=16, sigma=1e-3, sigma_schedule=[],
              coarse_to_fine=False, gamma=1e-4, fov_deg=60.0, sphere_level=1, sphere_radius=0.6, views=4,
              distance=2.5, elevations_deg=[-20.0, 25.0], color_stage=False, w_silhouette=1.0, w_color=1.0,
              w_laplacian=1.0, w_edge=0.3, w_normal=0.1, preconditioner_lambda=10.0, view_chunks=2)
