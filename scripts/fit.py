@@ -234,6 +234,8 @@ def check_memory(cfg: DictConfig, scene: str, views: int, height: int, width: in
     need = memory.estimate_peak_bytes(scene, views, height, width, dtype_bytes=dtype_bytes(cfg),
                                       chunk_views=chunk_views)
     have = memory.available_bytes()
+    if have is not None:  # the processes of a sharded fit on one machine share its memory
+        have /= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     if have is not None and need > have:
         raise UserError(f"this fit would need about {memory.gigabytes(need)} of memory at its peak ({scene}, "
                         f"{views} view(s) of {height}x{width} px), but {memory.gigabytes(have)} are available; "
@@ -425,8 +427,10 @@ class Metrics:
 class Log:
     """TensorBoard scalars and image strips, one fit.log line, the history and the progress bar."""
 
-    def __init__(self, p: FitProgress, scene: Any, logger: Any, bar: Any, lcfg: DictConfig) -> None:
+    def __init__(self, p: FitProgress, scene: Any, logger: Any, bar: Any, lcfg: DictConfig,
+                 reduction: Any = None) -> None:
         self.p, self.scene, self.logger, self.bar, self.lcfg = p, scene, logger, bar, lcfg
+        self.reduction = reduction  # sharded fits: the history records the bytes all-reduced so far
 
     def __call__(self, record: Any, x: dict[str, Any], state: Any = None) -> bool:
         p = self.p
@@ -438,6 +442,8 @@ class Log:
         if self.lcfg.history:
             p.history.append({"step": p.step, "stage": p.stage, "t": p.solver_seconds, **rec,
                               "metrics": p.metrics})
+            if self.reduction is not None:  # collectives and bytes all-reduced so far
+                p.history[-1]["reduced"] = [self.reduction.calls, self.reduction.bytes]
         mtxt = " ".join(f"{k} {v:.4g}" for k, v in p.metrics.items())
         it = rec["iteration"] if rec["iteration"] is not None else p.step
         log.info(f"[{p.stage_name}] it {it:>4} "
@@ -587,7 +593,7 @@ class Fit:
         if self.rank != 0:
             return [Track(p, x_full), stop]
         return [Track(p, x_full), Metrics(p, self.scene, int(lc.metrics_every), int(lc.image_every)),
-                Log(p, self.scene, self.logger, bar, lc), stop,
+                Log(p, self.scene, self.logger, bar, lc, self.reduction), stop,
                 Checkpoint(p, int(lc.checkpoint_every), self.save_checkpoint)]
 
     def time_up(self) -> bool:
@@ -756,12 +762,18 @@ class Fit:
     def finish(self, x: dict[str, Any], termination: str, message: str, solve_s: float) -> dict[str, Any]:
         """Final metrics, outputs and summary.json. A second Ctrl-C (or SIGTERM) while they are written still
         leaves a summary.json, marked interrupted. Rank 0 alone writes (the others return what ended the fit)."""
+        peaks = {f"rank{self.rank}": peak_rss_mb()}
+        if self.reduction is not None:  # every process's peak memory, for rank 0's summary
+            peaks = self.reduction.sum_floats(peaks)
         if self.rank != 0:
             self.logger.close()
             return {"termination": termination, "message": message, "run_dir": str(self.out)}
         metrics: dict[str, float] = {}
         files: list[str] = []
         summary = self.summary(termination, message, metrics, files, solve_s)
+        if self.reduction is not None:
+            summary.update(peak_rss_mb_per_rank=[peaks[f"rank{r}"] for r in range(self.world_size)],
+                           reduced={"collectives": self.reduction.calls, "bytes": self.reduction.bytes})
         try:
             images = self.scene.render_fn(x)
             metrics.update(self.scene.metrics_fn(x, images))
@@ -909,6 +921,10 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     if distributed.is_initialized():
         quiet_other_ranks()
+        if str(hc.mode) == "RunMode.MULTIRUN":
+            print(_error_line("a fit launched by torchrun is one job: drop -m (run the sweep's fits one by one)"),
+                  file=sys.stderr)
+            sys.exit(2)
     code = cli(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
     if code:
         sys.exit(code)
