@@ -13,15 +13,18 @@ iteration; ``build s`` = scene build (targets rendered chunk by chunk, cached by
 
 ``procs``: the same fit by 1, 2, ... processes (``torchrun --standalone``), with the same chunks of views
 (``scene.view_chunks`` = the largest process count, so the iterates agree); ``it s`` = median LM iteration
-after the first; peak per rank; collectives and bytes all-reduced per iteration. Then ``t_ar(n)``, the
-time of a gloo all-reduce of ``n`` floats between two processes of this machine, and the model
+after the first (wall clock), ``cpu s`` = rank 0's CPU time in it (one thread: its compute, whatever else
+runs on the machine); peak per rank; collectives and bytes all-reduced per iteration. Then ``t_ar(n)``,
+the time of a gloo all-reduce of ``n`` floats between two processes of this machine, and the model
 
-    T(N) = S + C / N + P * t_ar(n)
+    T(N) = C / N + P * t_ar(n)
 
-(C: compute that the processes share, S: what every process repeats — parameter-space CG work, the
-preconditioner — P: collectives per iteration, n: parameters), with S and C solved from T(1) and T(2),
-and its prediction for 8 and 64 GPUs with NCCL (latency and bandwidth assumed, printed; not measured
-here). Timings on a shared machine are noisy: compare rows of one run, medians.
+(C: one process's compute per LM iteration, P: collectives per iteration, n: parameters), with C the CPU
+time of one process; its prediction for 2 processes against rank 0's CPU time there (the difference:
+work every process repeats, the serial fraction f of ``T(N) = C (f + (1 - f) / N) + P t_ar``) and the
+wall clock; and the predictions of both forms for 8 and 64 GPUs with NCCL (latency and bandwidth assumed,
+printed, not measured here) and the compute measured here. Timings on a shared machine are noisy: compare
+rows of one run, medians; the CPU times are the steadier figure there.
 """
 
 from __future__ import annotations
@@ -118,25 +121,27 @@ def allreduce_times(sizes: list[int], repeats: int, tmp: Path) -> dict[int, floa
 
 def procs_part(a: argparse.Namespace, tmp: Path) -> list[dict]:
     rows = []
-    overrides = ["scene=cow_shape", f"scene.views={a.procs_views}", f"renderer.image_size={a.procs_size}",
-                 f"scene.view_chunks={max(a.procs)}", f"solver.max_iterations={a.iterations}",
-                 "solver.function_tolerance=1e-12"]
-    print(f"{'procs':>5} {'views':>5} {'size':>4} {'it s':>7} {'peak MB per rank':>22} {'collectives/it':>14} "
-          f"{'bytes/it':>9} {'final cost':>12}", flush=True)
-    for procs in a.procs:
-        s = fit(tmp, f"procs{procs}", procs, overrides)
+    print(f"{'procs':>5} {'views':>5} {'size':>4} {'it s':>7} {'cpu s':>7} {'peak MB per rank':>22} "
+          f"{'collectives/it':>14} {'bytes/it':>9} {'final cost':>12}", flush=True)
+    for procs, views, chunks in [(procs, a.procs_views, max(a.procs)) for procs in a.procs]:
+        s = fit(tmp, f"procs{procs}_{views}", procs, [
+            "scene=cow_shape", f"scene.views={views}", f"renderer.image_size={a.procs_size}",
+            f"scene.view_chunks={chunks}", f"solver.max_iterations={a.iterations}", "solver.function_tolerance=1.0e-12",
+            "logging.metrics_every=0"])
         hist = [h for h in s["history"] if h["iteration"] and h["iteration"] >= 2]
         it_s = statistics.median(h["seconds"] for h in hist) if hist else float("nan")
+        cpu = [b["cpu_s"] - a_["cpu_s"] for a_, b in zip(hist, hist[1:], strict=False)]
+        cpu_s = statistics.median(cpu) if cpu else float("nan")
         per_it = (0.0, 0.0)
         if procs > 1 and len(hist) >= 2:
             (c0, b0), (c1, b1) = hist[0]["reduced"], hist[-1]["reduced"]
             per_it = ((c1 - c0) / (len(hist) - 1), (b1 - b0) / (len(hist) - 1))
         peaks = s.get("peak_rss_mb_per_rank") or [s["peak_rss_mb"]]
-        r = {"part": "procs", "scene": "cow_shape", "procs": procs, "views": a.procs_views, "size": a.procs_size,
-             "iteration_s": it_s, "peak_mb_per_rank": peaks, "collectives_per_iteration": per_it[0],
+        r = {"part": "procs", "scene": "cow_shape", "procs": procs, "views": views, "size": a.procs_size,
+             "iteration_s": it_s, "cpu_s": cpu_s, "peak_mb_per_rank": peaks, "collectives_per_iteration": per_it[0],
              "bytes_per_iteration": per_it[1], "final_cost": s["final_cost"], "parameters": parameters(s)}
         rows.append(r)
-        print(f"{procs:>5} {a.procs_views:>5} {a.procs_size:>4} {it_s:>7.3f} "
+        print(f"{procs:>5} {views:>5} {a.procs_size:>4} {it_s:>7.3f} {cpu_s:>7.3f} "
               f"{' '.join(f'{p:.0f}' for p in peaks):>22} {per_it[0]:>14.1f} {per_it[1]:>9.0f} "
               f"{s['final_cost']:>12.6e}", flush=True)
     return rows
@@ -154,28 +159,30 @@ def model(rows: list[dict], t_ar: dict[int, float], n: int) -> list[dict]:
     by = {r["procs"]: r for r in rows if r["part"] == "procs"}
     if 1 not in by or 2 not in by:
         return []
-    t1, t2 = by[1]["iteration_s"], by[2]["iteration_s"]
+    c, c2, t1, t2 = by[1]["cpu_s"], by[2]["cpu_s"], by[1]["iteration_s"], by[2]["iteration_s"]
     p = by[2]["collectives_per_iteration"]
     sizes = sorted(t_ar)
     ar = t_ar[min(sizes, key=lambda k: abs(k - n))]
-    c = 2 * (t1 - t2 + p * ar)
-    s = t1 - c
-    # gloo between two processes: alpha + bytes / beta from the smallest and largest sizes measured
-    lo, hi = sizes[0], sizes[-1]
-    beta = 4 * (hi - lo) / max(t_ar[hi] - t_ar[lo], 1e-12)
-    alpha = max(t_ar[lo] - 4 * lo / beta, 0.0)
-    out = [{"part": "model", "S_s": s, "C_s": c, "P": p, "n": n, "t_ar_s": ar, "gloo_alpha_s": alpha,
-            "gloo_beta_Bps": beta}]
-    print(f"\nmodel: T(N) = S + C/N + P t_ar(n); n = {n} floats, P = {p:.1f} collectives per LM iteration")
-    print(f"  measured here: T(1) = {t1:.3f} s, T(2) = {t2:.3f} s, t_ar(n) = {ar * 1e6:.0f} us (gloo, 2 processes; "
-          f"alpha {alpha * 1e6:.0f} us, {beta / 1e9:.2f} GB/s)  =>  S = {s:.3f} s, C = {c:.3f} s")
+    f = min(max(2 * c2 / c - 1, 0.0), 1.0)  # rank 0's compute with 2 processes: C (f + (1 - f) / 2)
+    pred2 = c / 2 + p * ar
+    out = [{"part": "model", "C_s": c, "P": p, "n": n, "t_ar_s": ar, "predicted_T2_s": pred2, "cpu_T2_s": c2,
+            "wall_T1_s": t1, "wall_T2_s": t2, "serial_fraction": f}]
+    print(f"\nmodel: T(N) = C/N + P t_ar(n); n = {n} floats, P = {p:.1f} collectives per LM iteration, "
+          f"C = {c:.3f} s (one process's CPU time per iteration), t_ar(n) = {ar * 1e6:.0f} us (gloo, 2 processes, "
+          f"this machine)")
+    print(f"  2 processes: predicted {pred2:.3f} s (communication {p * ar * 1e3:.1f} ms); rank 0 computed "
+          f"{c2:.3f} s + communication = {c2 + p * ar:.3f} s: serial fraction f = {f:.2f} "
+          f"(T(N) = C (f + (1 - f)/N) + P t_ar); wall clock {t1:.3f} s -> {t2:.3f} s")
     for procs, (alpha_g, bw) in NCCL.items():
         t_nccl = alpha_g + 2 * (procs - 1) / procs * 4 * n / bw
-        t = s + c / procs + p * t_nccl
+        ideal = c / procs + p * t_nccl
+        amdahl = c * (f + (1 - f) / procs) + p * t_nccl
         out.append({"part": "prediction", "procs": procs, "backend": "nccl (assumed)", "t_ar_s": t_nccl,
-                    "iteration_s": t, "speedup": t1 / t, "communication_s": p * t_nccl})
+                    "iteration_s": ideal, "speedup": c / ideal, "iteration_s_with_f": amdahl,
+                    "speedup_with_f": c / amdahl, "communication_s": p * t_nccl})
         print(f"  {procs:>2} GPUs (NCCL, assumed alpha {alpha_g * 1e6:.0f} us, {bw / 1e9:.0f} GB/s): t_ar = "
-              f"{t_nccl * 1e6:.0f} us, T = {t:.3f} s (speed-up {t1 / t:.1f}x; communication {p * t_nccl * 1e3:.2f} ms)")
+              f"{t_nccl * 1e6:.0f} us, communication {p * t_nccl * 1e3:.2f} ms per iteration; T = {ideal:.3f} s "
+              f"({c / ideal:.1f}x), with f: {amdahl:.3f} s ({c / amdahl:.1f}x)")
     return out
 
 
@@ -198,7 +205,7 @@ def main() -> None:
         if a.part in ("procs", "both"):
             print() if rows else None
             rows += procs_part(a, Path(tmp))
-            n = rows[-1]["parameters"]
+            n = next(r["parameters"] for r in rows if r["part"] == "procs")
             t_ar = allreduce_times(sorted({16, 1024, n, 65536, 1 << 20}), 50, Path(tmp))
             print("\ngloo all-reduce, 2 processes: "
                   + ", ".join(f"{k} floats {v * 1e6:.0f} us" for k, v in t_ar.items()))

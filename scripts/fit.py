@@ -441,7 +441,7 @@ class Log:
         rec = record_dict(record)
         if self.lcfg.history:
             p.history.append({"step": p.step, "stage": p.stage, "t": p.solver_seconds, **rec,
-                              "metrics": p.metrics})
+                              "metrics": p.metrics, "cpu_s": time.process_time()})
             if self.reduction is not None:  # collectives and bytes all-reduced so far
                 p.history[-1]["reduced"] = [self.reduction.calls, self.reduction.bytes]
         mtxt = " ".join(f"{k} {v:.4g}" for k, v in p.metrics.items())
