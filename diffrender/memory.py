@@ -27,9 +27,9 @@ BASELINE_BYTES = 400e6  # python, torch, hydra and the mesh: the peak of a 1-vie
 
 
 # Bytes per view-pixel that stay when the views' graphs are not kept (rebuilt per product, chunk by chunk):
-# the pair lists of the current and the trial point, residual-sized vectors and targets. Measured by
-# scripts/bench_scale.py --views (cow_shape at 96 px, the σ = 1e-3 stage; README "Running on several
-# processes or machines"); scenes without a figure of their own use cow_shape's.
+# the pair lists of the current and the trial point, residual-sized vectors and targets. About 900 measured
+# by scripts/bench_scale.py --part views (cow_shape at 96 px, the σ = 1e-3 stage, 80 and 100 views; README
+# "Fitting", Bounded memory), with a margin; scenes without a figure of their own use cow_shape's.
 KEPT_BYTES_PER_VIEW_PIXEL = {"cow_shape": 1_200.0, "bunny_silhouette": 1_200.0}
 
 

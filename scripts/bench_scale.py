@@ -46,12 +46,15 @@ FIT = ROOT / "scripts" / "fit.py"
 NCCL = {8: (15e-6, 150e9), 64: (60e-6, 40e9)}
 
 
+DEVICE = "cpu"
+
+
 def fit(tmp: Path, name: str, procs: int, overrides: list[str]) -> dict:
     out = tmp / name
     head = [sys.executable, str(FIT)] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", str(FIT)]
-    args = [*head, "logging=minimal", "device.threads=1", f"hydra.run.dir={out}", f"cache_dir={tmp / 'cache'}",
-            *overrides]
+    args = [*head, "logging=minimal", f"device={DEVICE}", "device.threads=1", f"hydra.run.dir={out}",
+            f"cache_dir={tmp / 'cache'}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true", "PYTHONPATH": str(ROOT)}
     t = time.perf_counter()
     p = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp)
@@ -196,8 +199,12 @@ def main() -> None:
     ap.add_argument("--procs-views", type=int, default=16)
     ap.add_argument("--procs-size", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="fits on this device (one GPU per "
+                    "process; the all-reduce timing stays gloo on the CPU)")
     ap.add_argument("--json", help="append the rows as JSON lines to this file")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         if a.part in ("views", "both"):
@@ -214,7 +221,7 @@ def main() -> None:
     if a.json:
         with open(a.json, "a") as f:
             for r in rows:
-                f.write(json.dumps({**r, "device": "cpu", "dtype": "float32", "threads": 1}) + "\n")
+                f.write(json.dumps({**r, "device": a.device, "dtype": "float32", "threads": 1}) + "\n")
 
 
 if __name__ == "__main__":

@@ -167,10 +167,12 @@ def image_metrics(images: dict[str, Tensor], target: dict[str, Tensor]) -> dict[
 def cached(ctx: BuildContext, key: dict[str, Any],
            make: Callable[[], dict[str, Tensor]], store: bool = True) -> dict[str, Tensor]:
     """Synthetic targets rendered once: ``torch.save`` under the cache directory, keyed by a hash of
-    ``key`` (scene config, dtype, renderer settings, the asset files' size and mtime). ``store=False``:
+    ``key`` (scene config, dtype, renderer settings, the asset files' size and mtime), rendered without
+    gradients. ``store=False``:
     use the cache but do not write it (``make`` renders only part of the targets, e.g. one process's views)."""
     if ctx.cache_dir is None:
-        return make()
+        with torch.no_grad():  # targets never keep a graph, whatever ``make`` does
+            return make()
     blob = json.dumps(key, sort_keys=True, default=str).encode()
     path = Path(ctx.cache_dir) / f"{key.get('scene', 'scene')}_{hashlib.sha256(blob).hexdigest()[:16]}.pt"
     if path.is_file():
@@ -179,7 +181,8 @@ def cached(ctx: BuildContext, key: dict[str, Any],
             return {k: v.to(ctx.device) for k, v in data.items()}
         except Exception:
             pass  # a stale or partial cache file: render again
-    data = make()
+    with torch.no_grad():
+        data = make()
     if not store:
         return data
     path.parent.mkdir(parents=True, exist_ok=True)
