@@ -91,8 +91,8 @@ def test_gradient_test_does_not_depend_on_the_residual_scale():
     for scale in (1.0, 1e-6):
         problem = Problem(lambda x, ctx, s=scale: s * p.residual(x["x"]))
         for test in ("relative", "max_norm"):
-            runs[scale, test] = LevenbergMarquardt(gradient_test=test, linear_solver="dense", max_iterations=200,
-                                                  min_diagonal=1e-30) \
+            runs[scale, test] = LevenbergMarquardt(gradient_test=test, gradient_tolerance=1e-10, min_diagonal=1e-30,
+                                                   linear_solver="dense", max_iterations=200) \
                 .solve(problem, {"x": p.start()})
     ref, scaled = runs[1.0, "relative"], runs[1e-6, "relative"]
     assert ref.converged and ref.iterations > 10
