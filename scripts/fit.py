@@ -42,12 +42,13 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from diffrender.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint  # noqa: E402
 from diffrender.config import UserError, register_configs  # noqa: E402
+from diffrender.fit_inspector import make_inspector  # noqa: E402
 from diffrender.io import write_png  # noqa: E402
 from diffrender.logging import FitLogger, ProgressBar, image_strip, progress_enabled, write_gif  # noqa: E402
 from diffrender.scenes.base import BuildContext, Scene  # noqa: E402
 
 log = logging.getLogger("fit")
-GROUPS = ("scene", "solver", "device", "renderer", "logging")
+GROUPS = ("scene", "solver", "device", "renderer", "logging", "inspect")
 CONF = ROOT / "conf"
 
 
@@ -237,7 +238,7 @@ class Fit:
         per_stage = getattr(probe, "max_iterations", None) or self.solver_cfg.get("max_iterations") or 100
         bar = ProgressBar(int(per_stage) * len(scene.stages), progress_enabled(str(self.lcfg.progress)))
         bar.update(self.step)
-        interrupted, t_solve = False, time.perf_counter()
+        interrupted, t_solve, inspector = False, time.perf_counter(), None
         try:
             for i in range(start_stage, len(scene.stages)):
                 st = scene.stages[i]
@@ -247,11 +248,16 @@ class Fit:
                 xs = {k: x[k] for k in st.keys}
                 log.info(f"stage {i + 1}/{len(scene.stages)} '{st.name}': free {', '.join(st.keys)} "
                          f"({sum(v.numel() for v in xs.values())} unknowns), solver {type(solver).__name__}")
+                resumed = state.iteration if state is not None and i == start_stage else 0
+                inspector = make_inspector(self.cfg.get("inspect"), scene, problem, self.logger.writer, self.out,
+                                           x_full=x, step_offset=self.step - resumed)
+                callbacks = self.callback(st.name, x, bar)
+                callbacks = callbacks if inspector is None else [callbacks, inspector]
                 if state is not None and i == start_stage:
                     xs = {k: v.to(self.device, self.dtype) for k, v in state.x.items()}
-                    result = solver.solve(problem, xs, callback=self.callback(st.name, x, bar), state=state)
+                    result = solver.solve(problem, xs, callback=callbacks, state=state)
                 else:
-                    result = solver.solve(problem, xs, callback=self.callback(st.name, x, bar))
+                    result = solver.solve(problem, xs, callback=callbacks)
                 state = None
                 x.update({k: v.detach() for k, v in result.x.items()})
                 term = str(getattr(result, "termination", "unknown"))
@@ -277,6 +283,8 @@ class Fit:
             x = self.current
         bar.close()
         solve_s = time.perf_counter() - t_solve
+        if inspector is not None and not interrupted:
+            inspector.finish(x)
         return self.finish(x, interrupted, solve_s)
 
     # -------------------------------------------------------------- outputs
