@@ -215,7 +215,7 @@ class InspectConfig:
     regularizers: list[str] = field(
         default_factory=lambda: ["laplacian", "edge", "normal", "albedo_smooth", "gauge"])
     residual_variance: bool = True  # scale (JᵀJ)⁻¹ by σ̂² = 2 cost / (m - n); false: unit residual noise
-    dense_max: int = 300  # dense covariance up to this many parameters; Hutchinson + PCG above
+    dense_max: int = 2000  # dense covariance up to this many parameters; Hutchinson + PCG above
     probes: int = 32  # Hutchinson probes (one PCG solve each)
     max_cg_iterations: int = 200
     seed: int = 0

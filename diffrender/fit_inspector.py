@@ -102,6 +102,13 @@ def _grid(rows: list[Tensor]) -> Tensor:
     return torch.cat(out[:-1], dim=0)
 
 
+def _upscale(img: Tensor, min_px: int) -> Tensor:
+    """Nearest-neighbour enlargement by the integer factor that makes the shorter side of a small image at
+    least ``min_px`` (TensorBoard shows images at their own size)."""
+    f = max(1, math.ceil(min_px / max(min(img.shape[0], img.shape[1]), 1)))
+    return img.repeat_interleave(f, 0).repeat_interleave(f, 1) if f > 1 else img
+
+
 def per_vertex_std(variance: Tensor) -> Tensor:
     """Per-vertex positional standard deviation ``sqrt(var_x + var_y + var_z)`` from ``(V, 3)`` variances."""
     return variance.reshape(-1, 3).clamp_min(0).sum(1).sqrt()
@@ -243,7 +250,7 @@ class FitInspector:
                 if disp is not None:
                     rows.append(disp)
             if rows:
-                out[f"sensitivity/{name}"] = _grid(rows)
+                out[f"sensitivity/{name}"] = _upscale(_grid(rows), min_px=96)
         return out
 
     def _mesh(self, x: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor] | None:
@@ -329,7 +336,7 @@ class FitInspector:
                 (unc.std_error / unc.variance.abs().clamp_min(1e-300)).median())
         (self.out / "uncertainty.json").write_text(json.dumps(_jsonable(data), indent=1))
         files = ["uncertainty.json"]
-        if unc.message:
+        if unc.rank_deficient or "stopped" in unc.message:
             log.warning(f"inspect: {unc.message}")
         if vertex_std is not None and mesh is not None:
             verts, faces = mesh

@@ -85,6 +85,14 @@ def test_dense_chooses_the_smaller_side_and_says_so():
     r = jac.dense("reverse")
     assert r.mode == "reverse" and r.products == 24
     torch.testing.assert_close(r.matrix, ref)
+    # J^T J without forming J (column by column), and from J
+    c0 = problem.counters.snapshot()
+    g, how = jac.gram(max_elements=0)
+    assert "columns of JᵀJ" in how and (problem.counters.jvps - c0.jvps, problem.counters.vjps - c0.vjps) == (7, 7)
+    torch.testing.assert_close(g, ref.T @ ref)
+    g, how = jac.gram([0, 1, 2, 3])
+    assert how == "4 VJPs (rows of J)"
+    torch.testing.assert_close(g, ref[:4].T @ ref[:4])
     # fewer residuals than parameters: reverse mode
     wide, _ = _problem(m_pts=1)
     xw = dict(x)

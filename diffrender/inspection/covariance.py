@@ -6,8 +6,9 @@ When the residual noise is unknown, ``C`` is scaled by ``sigma^2 = 2 cost / (m -
 of a linear least-squares fit).  Only the residual blocks named in ``blocks`` count (e.g. the data terms
 and not the regularizers): the other rows of ``J~`` are zeroed.
 
-Small ``n`` (``<= dense_max``): ``J~`` is formed explicitly (forward or reverse mode, whichever side is
-smaller) and ``J~^T J~`` is eigendecomposed in float64.  Eigenvalues below ``rank_rtol * lambda_max`` are a
+Small ``n`` (``<= dense_max``): ``J~^T J~`` is formed (from the explicit ``J~``, forward or reverse mode,
+whichever side is smaller, or column by column when ``J~`` would be too large) and eigendecomposed in
+float64.  Eigenvalues below ``rank_rtol * lambda_max`` are a
 null space (a gauge freedom, or parameters no counted residual sees): ``C`` is then the pseudo-inverse on
 the observable subspace (Ceres' ``DENSE_SVD`` with its ``min_reciprocal_condition_number``), and the
 result says so and carries the null-space directions.
@@ -81,17 +82,19 @@ class Uncertainty:
 
 
 def covariance(problem: Problem, x: dict[str, Tensor], ctx: Any = None, *, blocks: Sequence[str] | None = None,
-               residual_variance: bool = False, dense_max: int = 300, probes: int = 32,
+               residual_variance: bool = False, dense_max: int = 2000, probes: int = 32,
                max_cg_iterations: int = 200, cg_rtol: float | None = None, lanczos_steps: int = 40,
-               rank_rtol: float | None = None, seed: int = 0, chunk: int = 16) -> Uncertainty:
+               rank_rtol: float | None = None, seed: int = 0, chunk: int = 16,
+               max_elements: int = 2**25) -> Uncertainty:
     """Covariance of the parameters of ``problem`` at ``x`` (``ctx`` from ``problem.prepare_context(x)``,
     computed when not given).
 
     ``blocks``: residual blocks that count (default all); ``residual_variance``: scale by ``sigma2``;
-    ``dense_max``: largest ``n`` done densely; ``probes``, ``max_cg_iterations``, ``cg_rtol`` (default
+    ``dense_max``: largest ``n`` done densely (``J~`` itself is formed only up to ``max_elements`` entries,
+    else ``J~^T J~`` column by column); ``probes``, ``max_cg_iterations``, ``cg_rtol`` (default
     ``max(1e-6, 100 eps)``) and ``seed``: the Hutchinson estimate for larger ``n``; ``lanczos_steps``: its
     search for null directions; ``rank_rtol``: relative eigenvalue threshold of the null space (default
-    ``100 eps`` of the dtype).
+    ``10 eps`` of the dtype).
     """
     jac = Jacobian(problem, x, ctx)
     op = jac.op
@@ -116,12 +119,8 @@ def covariance(problem: Problem, x: dict[str, Tensor], ctx: Any = None, *, block
     products0 = op.counters.jvps + op.counters.vjps
     common = dict(layout=jac.params, blocks=counted, scale=scale, sigma2=sigma2, m=m, n=n)
     if n <= dense_max:
-        if n <= m:
-            j = jac.columns(range(n), chunk=chunk)
-        else:
-            j = jac.rows(rows, chunk=chunk)  # reverse mode: only the counted rows
-        j = j.to(torch.float64)
-        evals, evecs = torch.linalg.eigh(j.T @ j)
+        gram, how = jac.gram(rows, max_elements=max_elements, chunk=chunk)
+        evals, evecs = torch.linalg.eigh(gram)
         lam_max = float(evals[-1]) if n else 0.0
         keep = evals > rtol * lam_max if lam_max > 0 else torch.zeros_like(evals, dtype=torch.bool)
         v = evecs[:, keep]
@@ -129,9 +128,9 @@ def covariance(problem: Problem, x: dict[str, Tensor], ctx: Any = None, *, block
         null = evecs[:, ~keep]
         rank = int(keep.sum())
         cond = lam_max / float(evals[keep][0]) if rank == n else math.inf
-        msg = "" if rank == n else (
-            f"rank deficient: rank {rank} of {n}; {n - rank} null direction(s) (eigenvalues <= {rtol:.1e} x "
-            f"lambda_max); the covariance is the pseudo-inverse on the observable subspace")
+        msg = f"dense JᵀJ from {how}" + ("" if rank == n else (
+            f"; rank deficient: rank {rank} of {n}; {n - rank} null direction(s) (eigenvalues <= {rtol:.1e} x "
+            f"lambda_max); the covariance is the pseudo-inverse on the observable subspace"))
         dt = op.x0.dtype
         return Uncertainty(**common, method="dense", variance=cov.diagonal().to(dt), covariance=cov.to(dt),
                            rank=rank, null_space=null.to(dt), null_fraction=(null * null).sum(1).to(dt),

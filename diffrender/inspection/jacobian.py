@@ -242,6 +242,27 @@ class Jacobian:
         return DenseJacobian(self.rows(range(self.m), chunk=chunk), mode, self.m, reason)
 
 
+    def gram(self, rows: Sequence[int] | None = None, *, max_elements: int = 2**25,
+             chunk: int = 16) -> tuple[Tensor, str]:
+        """``J~^T J~: (n, n)`` in float64 (over ``rows`` only, when given: the others must be zero rows) and
+        how it was built: from the explicit ``J~`` (``n`` JVPs, or ``m`` VJPs when there are fewer rows)
+        when it has at most ``max_elements`` entries, else column by column as ``J~^T (J~ e_j)`` (``n`` JVPs
+        and ``n`` VJPs, but only ``n^2`` memory)."""
+        rows = range(self.m) if rows is None else rows
+        if len(rows) * self.n <= max_elements:
+            if self.n <= len(rows):
+                j, how = self.columns(range(self.n), chunk=chunk), f"{self.n} JVPs (columns of J)"
+            else:
+                j, how = self.rows(rows, chunk=chunk), f"{len(rows)} VJPs (rows of J)"
+            j = j.to(torch.float64)
+            return j.T @ j, how
+        before = self.op.counters.snapshot()
+        a = unit_products(self.op.jtj, self.n, range(self.n), self.op.x0, chunk).to(torch.float64)
+        self.op.counters.jvps, self.op.counters.vjps = before.jvps + self.n, before.vjps + self.n
+        return 0.5 * (a + a.T), (f"{self.n} JVPs + {self.n} VJPs (columns of JᵀJ; J would hold "
+                                 f"{len(rows) * self.n} entries)")
+
+
 def _ravel(index: Sequence[int], shape: Sequence[int]) -> int:
     if len(index) != len(shape):
         raise IndexError(f"index {tuple(index)} does not match shape {tuple(shape)}")

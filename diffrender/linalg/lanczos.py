@@ -116,7 +116,8 @@ def lanczos(
         b = max(float(w @ pw), 0.0) ** 0.5
         anorm = max(anorm, abs(alpha[-1]) + b + (beta[-1] if beta else 0.0))
         beta.append(b)
-        if b <= 10 * n * eps * max(anorm, 1e-300):  # invariant Krylov space: T's eigenpairs are exact
+        # invariant Krylov space (T's eigenpairs are exact): w is rounding noise, of order eps ||A||
+        if b <= 10 * eps * max(anorm, 1e-300):
             exhausted = True
             break
         if j + 1 == n:
