@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,7 +36,7 @@ from diffrender.io import to_uint8, write_png
 log = logging.getLogger("fit.inspect")
 
 __all__ = ["FitInspector", "make_inspector", "signed_colormap", "sequential_colormap", "image_blocks",
-           "per_vertex_std"]
+           "per_vertex_std", "uncertainty_report"]
 
 
 # ------------------------------------------------------------------------------------------ pictures
@@ -133,9 +132,13 @@ def render_vertex_colors(verts: Tensor, faces: Tensor, colors: Tensor, *, size: 
                            directional_colors=[(0.5,) * 3], dtype=v.dtype, device=v.device)
     with torch.no_grad():
         pairs = prepare(v, faces, cam, settings)
-        rgb = render(v, faces, cam, pairs, settings, colors=colors.to(v), lights=lights,
-                     outputs=("alpha", "rgb"))["rgb"]
-    return torch.cat(list(rgb.clamp(0, 1).cpu()), dim=1)
+        out = render(v, faces, cam, pairs, settings, colors=colors.to(v), lights=lights, outputs=("alpha", "rgb"))
+    # crisp picture: undo the soft composite over white inside the silhouette (where two faces meet at an
+    # edge, α = 1 - 0.5^2 would let the background through)
+    a = out["alpha"][..., None]
+    fg = (out["rgb"] - (1 - a)) / a.clamp_min(1e-6)
+    rgb = torch.where(a > 0.5, fg, torch.ones_like(fg)).clamp(0, 1)
+    return torch.cat(list(rgb.cpu()), dim=1)
 
 
 # ------------------------------------------------------------------------------------------ the callback
@@ -306,54 +309,74 @@ class FitInspector:
         unc = covariance(self.problem, xs, ctx, blocks=blocks, residual_variance=bool(cfg.residual_variance),
                          dense_max=int(cfg.dense_max), probes=int(cfg.probes),
                          max_cg_iterations=int(cfg.max_cg_iterations), seed=int(cfg.seed))
-        mesh = self._mesh(xs)
-        n_verts = mesh[0].shape[0] if mesh is not None else -1
-        std = unc.std()
-        params: dict[str, Any] = {}
-        vertex_std: Tensor | None = None
-        for name, shape in zip(unc.layout.names, unc.layout.shapes, strict=True):
-            entry: dict[str, Any] = {"shape": list(shape)}
-            per_vertex = len(shape) == 2 and shape[1] == 3 and shape[0] == n_verts
-            if std is not None and per_vertex:
-                pv = per_vertex_std(std[name] ** 2)
-                entry.update(per_vertex_std=pv.tolist(), max=float(pv.max()), median=float(pv.median()))
-                vertex_std = pv if vertex_std is None else vertex_std
-            elif std is not None:
-                entry["std"] = std[name].tolist()
-            params[name] = entry
-        null = [{k: v.tolist() for k, v in unc.layout.split(unc.null_space[:, i]).items()}
-                for i in range(unc.null_space.shape[1])]
-        data = {
-            "method": unc.method, "blocks": list(unc.blocks),
-            "scaled_by_residual_variance": bool(cfg.residual_variance),
-            "sigma2": unc.sigma2, "m": unc.m, "n": unc.n, "rank": unc.rank, "rank_deficient": unc.rank_deficient,
-            "cond": unc.cond, "message": unc.message, "parameters": params, "null_space": null,
-            "per_vertex_std": "sqrt(var_x + var_y + var_z) of each vertex's 3 coordinates",
-            "seconds": time.perf_counter() - t0, "products": unc.products,
-        }
-        if unc.std_error is not None:
-            data["relative_std_error_of_variance_median"] = float(
-                (unc.std_error / unc.variance.abs().clamp_min(1e-300)).median())
-        (self.out / "uncertainty.json").write_text(json.dumps(_jsonable(data), indent=1))
-        files = ["uncertainty.json"]
         if unc.rank_deficient or "stopped" in unc.message:
             log.warning(f"inspect: {unc.message}")
+        mesh = self._mesh(xs)
+        data, vertex_std, unobservable = uncertainty_report(unc, mesh[0].shape[0] if mesh is not None else -1)
+        files = ["uncertainty.json"]
         if vertex_std is not None and mesh is not None:
             verts, faces = mesh
-            top = float(vertex_std.max())
-            colors = sequential_colormap(vertex_std / top if top > 0 else vertex_std).to(verts)
+            top = float(vertex_std.quantile(0.98))  # a few extreme vertices would make the rest one color
+            colors = sequential_colormap(vertex_std / top if top > 0 else vertex_std)
+            colors[unobservable] = torch.tensor([0.85, 0.1, 0.1])  # in the null space: no finite std
+            data["mesh_colors"] = {"colormap": "viridis-like from 0 (dark) to bright_at (yellow)", "bright_at": top,
+                                   "red": "vertices mostly in the null space (unobservable)"}
             if self.writer is not None:
                 self.writer.add_mesh("mesh/uncertainty", vertices=verts.cpu().float()[None],
                                      faces=faces.cpu().int()[None],
-                                     colors=(colors.cpu() * 255).round().to(torch.uint8)[None],
-                                     global_step=self.step)
-            img = render_vertex_colors(verts, faces, colors)
+                                     colors=(colors * 255).round().to(torch.uint8)[None], global_step=self.step)
+            img = render_vertex_colors(verts, faces, colors.to(verts))
             bar = sequential_colormap(torch.linspace(0, 1, img.shape[1]))[None].expand(12, -1, -1)
             write_png(self.out / "uncertainty_mesh.png", torch.cat([img, torch.ones(4, img.shape[1], 3), bar]))
             files.append("uncertainty_mesh.png")
+        data.update(seconds=time.perf_counter() - t0, products=unc.products)
+        (self.out / "uncertainty.json").write_text(json.dumps(_jsonable(data), indent=1))
         log.info(f"inspect: uncertainty ({unc.method}, blocks {', '.join(unc.blocks)}, sigma2 {unc.sigma2:.3g}) "
                  f"in {time.perf_counter() - t0:.1f} s -> {', '.join(files)}")
         return files
+
+
+MAX_NULL_DIRECTIONS = 10  # listed in uncertainty.json (all are counted)
+
+
+def uncertainty_report(unc: Any, n_verts: int = -1) -> tuple[dict[str, Any], Tensor | None, Tensor | None]:
+    """The contents of ``uncertainty.json`` for an :class:`~diffrender.inspection.Uncertainty`, plus, for
+    the first ``(n_verts, 3)`` parameter, its per-vertex std ``(V,)`` and a mask ``(V,)`` of vertices whose
+    coordinates lie mostly (> 50 %) in the null space (``None`` when there is no such parameter)."""
+    std = unc.std()
+    null_frac = unc.layout.split(unc.null_fraction) if unc.null_fraction is not None else None
+    params: dict[str, Any] = {}
+    vertex_std = unobservable = None
+    for name, shape in zip(unc.layout.names, unc.layout.shapes, strict=True):
+        entry: dict[str, Any] = {"shape": list(shape)}
+        per_vertex = len(shape) == 2 and shape[1] == 3 and shape[0] == n_verts
+        nf = null_frac[name].reshape(-1, 3).max(1).values if null_frac is not None and per_vertex else None
+        if std is not None and per_vertex:
+            pv = per_vertex_std(std[name] ** 2)
+            entry.update(per_vertex_std=pv.tolist(), max=float(pv.max()), median=float(pv.median()))
+            if vertex_std is None:
+                vertex_std = pv.cpu()
+                unobservable = (nf > 0.5).cpu() if nf is not None else torch.zeros(pv.numel(), dtype=torch.bool)
+        elif std is not None:
+            entry["std"] = std[name].tolist()
+        if null_frac is not None and unc.rank_deficient:
+            entry["null_fraction"] = (nf if nf is not None else null_frac[name]).tolist()
+        params[name] = entry
+    d = unc.null_space.shape[1]
+    null = [{k: v.tolist() for k, v in unc.layout.split(unc.null_space[:, i]).items()}
+            for i in range(min(d, MAX_NULL_DIRECTIONS))]
+    data = {
+        "method": unc.method, "blocks": list(unc.blocks), "scale": unc.scale, "sigma2": unc.sigma2,
+        "m": unc.m, "n": unc.n, "rank": unc.rank, "rank_deficient": unc.rank_deficient, "cond": unc.cond,
+        "message": unc.message, "parameters": params, "null_directions": d, "null_space": null,
+        "per_vertex_std": "sqrt(var_x + var_y + var_z) of each vertex's 3 coordinates",
+        "null_fraction": "per coordinate (per vertex: the max over its 3) squared norm in the null space, "
+                         "1 = unobservable; its std is then not meaningful",
+    }
+    if unc.std_error is not None and unc.variance is not None:
+        data["relative_std_error_of_variance_median"] = float(
+            (unc.std_error / unc.variance.abs().clamp_min(1e-300)).median())
+    return data, vertex_std, unobservable
 
 
 def _cond_scalars(c: Any, suffix: str) -> dict[str, float]:
@@ -366,14 +389,13 @@ def _cond_scalars(c: Any, suffix: str) -> dict[str, float]:
 
 
 def _jsonable(v: Any) -> Any:
+    """Plain JSON: non-finite floats as strings ("inf"), floats to 7 significant digits."""
     if isinstance(v, dict):
         return {str(k): _jsonable(w) for k, w in v.items()}
     if isinstance(v, list | tuple):
         return [_jsonable(w) for w in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, np.generic):
-        return v.item()
+    if isinstance(v, float):
+        return float(f"{v:.7g}") if math.isfinite(v) else str(v)
     return v
 
 

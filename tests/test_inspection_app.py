@@ -174,3 +174,19 @@ def test_inspect_group_composes_and_rejects_typos():
             compose("config", overrides=["inspect=enabled", "inspect.evry=3"])
         with pytest.raises(ConfigCompositionException):
             compose("config", overrides=["inspect=enabled", "inspect.every=often"])
+
+
+def test_uncertainty_report_marks_unobserved_vertices():
+    """Vertex 2 of four appears in no residual: per-vertex std sqrt(3) sigma elsewhere, and vertex 2 flagged."""
+    from diffrender.fit_inspector import uncertainty_report
+    from diffrender.inspection import covariance
+    from diffrender.problem import Problem
+
+    obs = torch.arange(9, dtype=D).reshape(3, 3)
+    problem = Problem(lambda p, c: {"data": (p["offsets"][[0, 1, 3]] - obs) / 0.1})
+    unc = covariance(problem, {"offsets": torch.zeros(4, 3, dtype=D)})
+    data, pv, unobservable = uncertainty_report(unc, n_verts=4)
+    assert data["rank_deficient"] and data["null_directions"] == 3 and data["rank"] == 9
+    assert unobservable.tolist() == [False, False, True, False]
+    torch.testing.assert_close(pv[[0, 1, 3]], torch.full((3,), 0.1 * math.sqrt(3), dtype=D))
+    assert data["parameters"]["offsets"]["null_fraction"] == pytest.approx([0, 0, 1, 0], abs=1e-12)
