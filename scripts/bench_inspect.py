@@ -69,7 +69,7 @@ def median_run(fn, repeats: int):
     return out, statistics.median(times)
 
 
-def bench(scene: str, steps: int, repeats: int, dtype: torch.dtype) -> list[dict]:
+def bench(scene: str, steps: int, repeats: int, dtype: torch.dtype, probes: int) -> list[dict]:
     sc, problem, x, desc = build(scene, dtype)
     jac = Jacobian(problem, x)
     op = jac.op
@@ -111,8 +111,8 @@ def bench(scene: str, steps: int, repeats: int, dtype: torch.dtype) -> list[dict
     unc, sec = median_run(lambda: covariance(problem, x, dense_max=10**6), 1)
     dense_var = unc.variance
     rows[0]["covariance_dense_s"] = sec
-    if op.n > 10:
-        h, sec_h = median_run(lambda: covariance(problem, x, dense_max=0, probes=32, seed=0), 1)
+    if op.n > 10 and probes > 0:
+        h, sec_h = median_run(lambda: covariance(problem, x, dense_max=0, probes=probes, seed=0), 1)
         rows[0]["covariance_hutchinson_s"] = sec_h
         rows[0]["hutchinson_products"] = h.products
         if h.variance is not None:
@@ -129,12 +129,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    ap.add_argument("--probes", type=int, default=32, help="Hutchinson probes of the covariance (0: skip it)")
     ap.add_argument("--json", type=Path, help="append rows as JSON lines")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     scenes = ["teapot_pose", "cow_shape"] if args.scene == "all" else [args.scene]
-    rows = [r for s in scenes for r in bench(s, args.steps, args.repeats, dtype)]
+    rows = [r for s in scenes for r in bench(s, args.steps, args.repeats, dtype, args.probes)]
     print(f"device cpu, {args.threads} thread(s), {args.dtype}, Lanczos steps <= {args.steps}, "
           f"median of {args.repeats}")
     for s in scenes:
@@ -150,7 +151,7 @@ def main() -> None:
         extra = [f"dense J ({r0['n']} JVPs) {r0['dense_j_s']:.2f} s",
                  f"dense covariance {r0['covariance_dense_s']:.2f} s"]
         if "covariance_hutchinson_s" in r0:
-            extra.append(f"Hutchinson covariance (32 probes) {r0['covariance_hutchinson_s']:.2f} s, "
+            extra.append(f"Hutchinson covariance ({args.probes} probes) {r0['covariance_hutchinson_s']:.2f} s, "
                          f"{r0['hutchinson_products']} products, median rel. err. of the variances "
                          f"{r0.get('hutchinson_median_rel_err', float('nan')):.3f}")
         print("  " + "; ".join(extra))

@@ -248,7 +248,7 @@ class Fit:
                 xs = {k: x[k] for k in st.keys}
                 log.info(f"stage {i + 1}/{len(scene.stages)} '{st.name}': free {', '.join(st.keys)} "
                          f"({sum(v.numel() for v in xs.values())} unknowns), solver {type(solver).__name__}")
-                resumed = state.iteration if state is not None and i == start_stage else 0
+                resumed = getattr(state, "iteration", 0) if state is not None and i == start_stage else 0
                 inspector = make_inspector(self.cfg.get("inspect"), scene, problem, self.logger.writer, self.out,
                                            x_full=x, step_offset=self.step - resumed)
                 callbacks = self.callback(st.name, x, bar)
