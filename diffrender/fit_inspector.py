@@ -301,12 +301,18 @@ class FitInspector:
         xs = {k: x_full[k].detach() for k in self.x}
         ctx = self.problem.prepare_context(xs)
         with torch.no_grad():
-            names = list(self.problem.residual_blocks(xs, ctx))
+            sizes = {k: v.numel() for k, v in self.problem.residual_blocks(xs, ctx).items()}
         if cfg.blocks is not None:
             blocks = [str(b) for b in cfg.blocks]
         else:
-            blocks = [b for b in names if b not in set(cfg.regularizers)] or names
-        unc = covariance(self.problem, xs, ctx, blocks=blocks, residual_variance=bool(cfg.residual_variance),
+            blocks = [b for b in sizes if b not in set(cfg.regularizers)] or list(sizes)
+        scaled = bool(cfg.residual_variance)
+        m, n = sum(sizes.get(b, 0) for b in blocks), self.problem.layout(xs).n
+        if scaled and m <= n:
+            log.warning(f"inspect: {m} residuals in {blocks} for {n} parameters: no residual variance "
+                        "2 cost / (m - n); the covariance assumes unit residual noise")
+            scaled = False
+        unc = covariance(self.problem, xs, ctx, blocks=blocks, residual_variance=scaled,
                          dense_max=int(cfg.dense_max), probes=int(cfg.probes),
                          max_cg_iterations=int(cfg.max_cg_iterations), seed=int(cfg.seed))
         if unc.rank_deficient or "stopped" in unc.message:
