@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffrender.inspection.jacobian import ProductOperator
 from diffrender.linalg.lanczos import lanczos
-from diffrender.linalg.operator import JacobianOperator
 from diffrender.problem import PreconditionerInfo, Problem
 
 __all__ = ["Conditioning", "conditioning", "default_rank_rtol", "solver_preconditioner"]
@@ -64,7 +64,7 @@ class Conditioning:
         return {"eig_min": self.eig_min, "eig_max": self.eig_max, "cond": self.cond}
 
 
-def solver_preconditioner(problem: Problem, x: dict[str, Tensor], ctx: Any, op: JacobianOperator, *,
+def solver_preconditioner(problem: Problem, x: dict[str, Tensor], ctx: Any, op: ProductOperator, *,
                           dense_threshold: int = 64, probes: int = 16,
                           seed: int = 0) -> tuple[Callable[[Tensor], Tensor], str]:
     """``M^-1`` as the second-order solvers' CG builds it at ``x``, with zero damping: the problem's factory
@@ -87,7 +87,7 @@ def solver_preconditioner(problem: Problem, x: dict[str, Tensor], ctx: Any, op: 
     return (lambda v: inv * v), "jacobi"
 
 
-def conditioning(op: JacobianOperator, *, precond: Callable[[Tensor], Tensor] | None = None,
+def conditioning(op: ProductOperator, *, precond: Callable[[Tensor], Tensor] | None = None,
                  preconditioner: str | None = None, steps: int = 30, want: int = 3, tol: float = 1e-6,
                  rank_rtol: float | None = None, seed: int = 0) -> Conditioning:
     """Extreme eigenvalues, condition number and least-constrained directions of ``J~^T J~`` (of

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from diffrender.inspection.conditioning import conditioning, default_rank_rtol, solver_preconditioner
-from diffrender.inspection.jacobian import Jacobian, check_names
+from diffrender.inspection.jacobian import Jacobian, RowMaskedOperator, check_names
 from diffrender.linalg.cg import pcg
 from diffrender.problem import ParamLayout, Problem
 
@@ -103,9 +103,8 @@ def covariance(problem: Problem, x: dict[str, Tensor], ctx: Any = None, *, block
     check_names(counted, names, "residual block")
     if not counted:
         raise ValueError("covariance: no residual blocks selected")
-    if set(counted) != set(names):  # zero the rows of the other blocks (before any product is made)
-        mask = jac.residuals.mask(counted, op.x0)
-        op.row_scale = mask if op.row_scale is None else op.row_scale * mask
+    if set(counted) != set(names):  # zero the rows of the other blocks
+        jac.op = op = RowMaskedOperator(op, jac.residuals.mask(counted, op.x0))
     sl = jac.residuals.slices()
     rows = [i for b in counted for i in range(sl[b].start, sl[b].stop)]
     m, n = len(rows), op.n

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from diffrender.linalg.operator import JacobianOperator
+from diffrender.linalg.operator import Counters
 from diffrender.problem import Linearization, ParamLayout, Problem
 
-__all__ = ["ResidualLayout", "DenseJacobian", "Jacobian", "GaussNewtonGap", "gauss_newton_gap"]
+__all__ = ["ResidualLayout", "ProductOperator", "RowMaskedOperator", "DenseJacobian", "Jacobian", "GaussNewtonGap",
+           "gauss_newton_gap"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,70 @@ def unit_products(apply: Callable[[Tensor], Tensor], dim: int, indices: Sequence
     return torch.cat(outs, dim=1)
 
 
+class ProductOperator(Protocol):
+    """What this package needs of a Jacobian operator: ``J~`` applied by products (``JacobianOperator``,
+    a stack of them, or :class:`RowMaskedOperator`)."""
+
+    n: int
+    m: int
+    x0: Tensor
+    counters: Counters
+
+    def jvp(self, u: Tensor) -> Tensor: ...
+
+    def vjp(self, w: Tensor) -> Tensor: ...
+
+    def jtj(self, v: Tensor) -> Tensor: ...
+
+    def diag_exact(self) -> Tensor: ...
+
+    def diag_hutchinson(self, probes: int, generator: torch.Generator | None = None) -> Tensor: ...
+
+
+@contextmanager
+def counted(counters: Counters, *, jvps: int = 0, vjps: int = 0) -> Iterator[None]:
+    """Count exactly ``jvps`` JVPs and ``vjps`` VJPs for the products made inside (a ``vmap``-ed product
+    counts once however many vectors it applies to)."""
+    before = counters.snapshot()
+    yield
+    counters.jvps, counters.vjps = before.jvps + jvps, before.vjps + vjps
+
+
+class RowMaskedOperator:
+    """``diag(mask) J~`` for an operator of ``J~`` (``mask: (m,)``, e.g. ones on the rows of chosen residual
+    blocks and zeros elsewhere), applied through its products: the same interface as
+    :class:`~diffrender.linalg.operator.JacobianOperator` as far as this package uses it."""
+
+    def __init__(self, op: ProductOperator, mask: Tensor) -> None:
+        if mask.shape != (op.m,):
+            raise ValueError(f"RowMaskedOperator: mask must be ({op.m},), got {tuple(mask.shape)}")
+        self.op, self.mask = op, mask
+        self.n, self.m, self.x0, self.counters = op.n, op.m, op.x0, op.counters
+
+    def jvp(self, u: Tensor) -> Tensor:
+        return self.op.jvp(u) * self.mask
+
+    def vjp(self, w: Tensor) -> Tensor:
+        return self.op.vjp(w * self.mask)
+
+    def jtj(self, v: Tensor) -> Tensor:
+        return self.vjp(self.jvp(v))
+
+    def diag_exact(self, chunk: int = 16) -> Tensor:
+        """``diag(J~^T M J~): (n,)`` from ``n`` JVPs."""
+        with counted(self.counters, jvps=self.n):
+            cols = unit_products(self.jvp, self.n, range(self.n), self.x0, chunk)
+        return (cols * cols).sum(0)
+
+    def diag_hutchinson(self, probes: int, generator: torch.Generator | None = None) -> Tensor:
+        """Hutchinson's ``mean_k (J~^T M s_k)^2`` for random signs ``s_k``, as the plain operator does."""
+        acc = torch.zeros(self.n, dtype=self.x0.dtype, device=self.x0.device)
+        for _ in range(probes):
+            s = torch.randint(0, 2, (self.m,), generator=generator).to(device=self.x0.device, dtype=self.x0.dtype)
+            acc += self.vjp(2 * s - 1) ** 2
+        return acc / probes
+
+
 @dataclass
 class DenseJacobian:
     """The explicit ``J~: (m, n)``; ``mode`` is ``"forward"`` (n JVPs, one per column) or ``"reverse"``
@@ -123,7 +189,7 @@ class Jacobian:
         self.x = {k: v.detach() for k, v in x.items()}
         self.ctx = problem.prepare_context(self.x) if ctx is None else ctx
         self.lin = lin if lin is not None else problem.linearize(self.x, self.ctx, jvp_mode=jvp_mode)
-        self.op: JacobianOperator = self.lin.op
+        self.op: ProductOperator = self.lin.op
         self.params: ParamLayout = problem.layout(self.x)
         with torch.no_grad():
             blocks = problem.residual_blocks(self.x, self.ctx)
@@ -200,19 +266,15 @@ class Jacobian:
         """``J~[:, cols]: (m, len(cols))``: one JVP per column, batched by ``vmap`` in chunks of ``chunk``."""
         for j in cols:
             _check_range(j, self.n, "column")
-        before = self.op.counters.jvps
-        out = unit_products(self.op.jvp, self.n, cols, self.op.x0, chunk)
-        self.op.counters.jvps = before + len(cols)  # a vmapped call counts once: count every column
-        return out
+        with counted(self.op.counters, jvps=len(cols)):
+            return unit_products(self.op.jvp, self.n, cols, self.op.x0, chunk)
 
     def rows(self, rows: Sequence[int], *, chunk: int = 16) -> Tensor:
         """``J~[rows, :]: (len(rows), n)``: one VJP per row, batched by ``vmap`` in chunks of ``chunk``."""
         for i in rows:
             _check_range(i, self.m, "row")
-        before = self.op.counters.vjps
-        out = unit_products(self.op.vjp, self.m, rows, self.op.x0, chunk).T
-        self.op.counters.vjps = before + len(rows)
-        return out
+        with counted(self.op.counters, vjps=len(rows)):
+            return unit_products(self.op.vjp, self.m, rows, self.op.x0, chunk).T
 
     def param_block(self, name: str, *, chunk: int = 16) -> Tensor:
         """``J~[:, cols(name)]: (m, n_name)``, the columns of one parameter: ``n_name`` JVPs (forward
@@ -256,9 +318,8 @@ class Jacobian:
                 j, how = self.rows(rows, chunk=chunk), f"{len(rows)} VJPs (rows of J)"
             j = j.to(torch.float64)
             return j.T @ j, how
-        before = self.op.counters.snapshot()
-        a = unit_products(self.op.jtj, self.n, range(self.n), self.op.x0, chunk).to(torch.float64)
-        self.op.counters.jvps, self.op.counters.vjps = before.jvps + self.n, before.vjps + self.n
+        with counted(self.op.counters, jvps=self.n, vjps=self.n):
+            a = unit_products(self.op.jtj, self.n, range(self.n), self.op.x0, chunk).to(torch.float64)
         return 0.5 * (a + a.T), (f"{self.n} JVPs + {self.n} VJPs (columns of JᵀJ; J would hold "
                                  f"{len(rows) * self.n} entries)")
 
