@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,8 @@ def _finite(v: float) -> bool:
 
 class FitInspector:
     """Solver callback of one stage: ``inspector(record, x, state)`` every iteration (work every
-    ``cfg.every``-th, TensorBoard step ``step_offset + record.iteration``), ``finish(x_full)`` at the end.
+    ``cfg.every``-th iteration of the stage), ``finish(x_full)`` at the end.  TensorBoard steps are
+    ``step_fn()`` when given (the fit's global step), else ``step_offset + record.iteration``.
 
     ``cfg``: the ``inspect`` config (``diffrender.config.InspectConfig`` fields); ``scene``: the Scene (for
     its mesh); ``problem``: this stage's Problem; ``writer``: a TensorBoard ``SummaryWriter`` or ``None``;
@@ -168,11 +170,13 @@ class FitInspector:
     """
 
     def __init__(self, cfg: Any, scene: Any, problem: Any, writer: Any, out: str | Path, *,
-                 x_full: dict[str, Tensor] | None = None, step_offset: int = 0) -> None:
+                 x_full: dict[str, Tensor] | None = None, step_offset: int = 0,
+                 step_fn: Callable[[], int] | None = None) -> None:
         self.cfg, self.scene, self.problem, self.writer = cfg, scene, problem, writer
         self.out = Path(out)
         self.x_full = dict(x_full or {})
         self.step_offset = int(step_offset)
+        self.step_fn = step_fn
         self.x: dict[str, Tensor] | None = None
         self.step = self.step_offset
         self.last: dict[str, float] = {}
@@ -182,7 +186,7 @@ class FitInspector:
     def __call__(self, record: Any, x: dict[str, Tensor], state: Any = None) -> bool:
         self.x = {k: v.detach() for k, v in x.items()}
         it = int(getattr(record, "iteration", 0) or 0)
-        self.step = self.step_offset + it
+        self.step = int(self.step_fn()) if self.step_fn is not None else self.step_offset + it
         every = int(self.cfg.every)
         if every > 0 and it % every == 0:
             try:

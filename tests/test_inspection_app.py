@@ -104,11 +104,16 @@ def test_callback_scalars_and_uncertainty_json_against_a_finite_difference_jacob
     ev = torch.linalg.eigvalsh(a)
     writer = SummaryWriter(str(tmp_path))
     cfg = OmegaConf.structured(InspectConfig(enabled=True, every=2, lanczos_steps=3))
-    insp = make_inspector(cfg, scene, problem, writer, tmp_path, x_full=x, step_offset=10)
+    steps = iter(range(10, 14))
+    insp = make_inspector(cfg, scene, problem, writer, tmp_path, x_full=x, step_fn=lambda: next(steps))
     before = problem.counters.snapshot()
     for it in range(4):
         assert insp(_Record(it), x, None) is False
     assert problem.counters.snapshot() == before  # the solver's counts are left alone
+    plain = FitInspector(OmegaConf.structured(InspectConfig(enabled=True, every=0)), scene, problem, None, tmp_path,
+                         step_offset=5)
+    plain(_Record(3), x, None)
+    assert plain.step == 8  # without step_fn: the stage's offset + iteration
     files = insp.finish(x)
     writer.close()
     assert files == ["uncertainty.json"]
