@@ -105,6 +105,7 @@ class TeapotPoseConfig(SceneConfig):
     target_azimuth_deg: float = 0.0
     start_eye: list[float] = field(default_factory=lambda: [3.0, 6.9, 2.5])
     coarse_scale: float = 1.0  # image size of the coarse σ stages relative to image_size (image pyramid)
+    image_noise: float = 0.0  # std of Gaussian noise added to the targets (seeded), e.g. for uncertainty.json
 
 
 @dataclass
@@ -127,6 +128,7 @@ class ShapeConfig(SceneConfig):
     w_normal: float = 0.1
     preconditioner_lambda: float = 10.0  # (I + λL)^-1 for the CG solve (Nicolet et al. 2021); 0: off
     view_chunks: int = 1  # residual terms the views are split into (a solver may subsample their curvature)
+    image_noise: float = 0.0  # std of Gaussian noise added to the targets (seeded), e.g. for uncertainty.json
 
 
 @dataclass
@@ -176,6 +178,7 @@ class FitConfig:
     resume: str | None = None  # a previous run directory: continue it from its checkpoint, in place
     stop_after: int | None = None  # stop (as if interrupted) after this many iterations in total
     cache_dir: str = ".cache/diffrender"  # synthetic targets, keyed by a hash of the scene config
+    inspect: Any = MISSING  # conf/inspect/*.yaml, schema InspectConfig (end of this file)
 
 
 def solver_schema(target: str, options: type) -> type:
@@ -303,3 +306,37 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+# ---------------------------------------------------------------------------------------- the inspect group
+@dataclass
+class InspectConfig:
+    """``inspect``: look inside the fit (README, "Looking inside a fit"): sensitivity images and
+    conditioning every ``every`` iterations, parameter uncertainty at the end (``uncertainty.json``)."""
+
+    enabled: bool = False
+    every: int = 5  # sensitivity images + conditioning every N iterations of each stage; 0: only at the end
+    sensitivity: bool = True  # TensorBoard images sensitivity/<param>
+    max_columns: int = 12  # parameters with at most this many coordinates: one image row per coordinate
+    max_views: int = 4  # views per sensitivity image
+    conditioning: bool = True  # scalars inspect/eig_min, eig_max, cond (and *_precond)
+    preconditioned: bool = True  # also the operator PCG sees (the problem's preconditioner or Jacobi)
+    lanczos_steps: int = 30  # Lanczos steps (2 products each) per conditioning estimate
+    lanczos_tol: float = 1e-6  # stop early when the extreme Ritz pairs reach this relative residual
+    gn_gap: bool = False  # scalar inspect/gn_gap: ||(H - JᵀJ) v|| / ||H v|| along the least-constrained v
+    uncertainty: bool = True  # uncertainty.json (+ mesh colored by per-vertex std for shape scenes)
+    blocks: list[str] | None = None  # residual blocks counted; null: all but the regularizers below
+    regularizers: list[str] = field(
+        default_factory=lambda: ["laplacian", "edge", "normal", "albedo_smooth", "gauge"])
+    residual_variance: bool = True  # scale (JᵀJ)⁻¹ by σ̂² = 2 cost / (m - n); false: unit residual noise
+    dense_max: int = 2000  # dense covariance up to this many parameters; Hutchinson + PCG above
+    probes: int = 32  # Hutchinson probes (one PCG solve each)
+    max_cg_iterations: int = 200
+    seed: int = 0
+
+
+def register_inspect_config() -> None:
+    ConfigStore.instance().store(group="schema/inspect", name="inspect", node=InspectConfig)
+
+
+register_inspect_config()

@@ -42,7 +42,7 @@ from diffrender.config import created_run_dirs, register_configs, validate_confi
 from diffrender.errors import UserError  # noqa: E402
 
 log = logging.getLogger("fit")
-GROUPS = ("scene", "solver", "device", "renderer", "logging")
+GROUPS = ("scene", "solver", "device", "renderer", "logging", "inspect")
 CONF = ROOT / "conf"
 CHECKPOINT_NAME = "checkpoint.pt"  # diffrender.checkpoint's name, without importing torch to know it
 # what `resume=` may change: the budget and what is logged; anything else would make a different fit
@@ -537,6 +537,7 @@ class Fit:
 
     # -------------------------------------------------------------- the run
     def run(self) -> dict[str, Any]:
+        from diffrender.fit_inspector import make_inspector
         from diffrender.logging import ProgressBar, progress_enabled
         from diffrender.solvers import CallbackList, Solver
 
@@ -558,6 +559,7 @@ class Fit:
         bar = ProgressBar(int(max_it) if max_it is not None else None,
                           progress_enabled(str(self.lcfg.progress)), initial=p.step)
         interrupted, termination, message, t_solve = False, None, "", time.perf_counter()
+        inspector = None
         try:
             for i in range(start_stage, len(scene.stages)):
                 st = scene.stages[i]
@@ -577,6 +579,9 @@ class Fit:
                 log.info(f"stage {i + 1}/{len(scene.stages)} '{st.name}': free {', '.join(st.keys)} "
                          f"({sum(v.numel() for v in xs.values())} unknowns), solver {type(solver).__name__}")
                 cbs = self.callbacks(x, bar)
+                inspector = make_inspector(self.cfg.get("inspect"), scene, problem, self.logger.writer, self.out,
+                                           x_full=x, step_fn=lambda: p.step)
+                cbs += [inspector] if inspector is not None else []
                 # a researcher's own solver may take one callable only: CallbackList is one
                 cb = cbs if isinstance(solver, Solver) else CallbackList(cbs)
                 kw = {}
@@ -620,6 +625,8 @@ class Fit:
             x = p.x
         finally:
             bar.close()
+        if inspector is not None and not interrupted:
+            inspector.finish(x)
         if interrupted:
             termination = "interrupted"
         elif p.stop_requested:

@@ -18,6 +18,7 @@ from diffrender.scenes.base import (
     Params,
     Scene,
     Stage,
+    add_image_noise,
     cached,
     chamfer,
     file_key,
@@ -52,7 +53,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
           coarse_to_fine: bool, gamma: float, fov_deg: float, sphere_level: int, sphere_radius: float,
           views: int, distance: float, elevations_deg: list[float], color_stage: bool, w_silhouette: float,
           w_color: float, w_laplacian: float, w_edge: float, w_normal: float, preconditioner_lambda: float,
-          ctx: BuildContext, view_chunks: int = 1) -> Scene:
+          ctx: BuildContext, view_chunks: int = 1, image_noise: float = 0.0) -> Scene:
     from diffrender import render as R
     from diffrender.camera import camera_from_look_at, orbit_eyes
     from diffrender.mesh import Mesh, icosphere, save_obj
@@ -85,7 +86,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     key = dict(scene=name, mesh=file_key(ctx.asset(mesh)), size=size, sigmas=sigmas, gamma=final.gamma,
                fov=fov_deg, views=views, distance=distance, elev=list(elevations_deg), color=has_color,
                dtype=str(ctx.dtype), cull=final.cull_backfaces, eps=final.eps, margin=final.margin_px)
-    targets = cached(ctx, key, make_targets)
+    targets = add_image_noise(cached(ctx, key, make_targets), image_noise)
     weights = {"silhouette": w_silhouette, "laplacian": w_laplacian, "edge": w_edge, "normal": w_normal}
     pre = None
     if preconditioner_lambda > 0:

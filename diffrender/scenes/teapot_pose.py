@@ -19,6 +19,7 @@ from diffrender.scenes.base import (
     Params,
     Scene,
     Stage,
+    add_image_noise,
     cached,
     file_key,
     image_metrics,
@@ -48,7 +49,7 @@ def pose_errors(eye, eye_true) -> dict[str, float]:
 def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule: list[float],
           coarse_to_fine: bool, gamma: float, fov_deg: float, target_distance: float,
           target_elevation_deg: float, target_azimuth_deg: float, start_eye: list[float],
-          ctx: BuildContext, coarse_scale: float = 1.0) -> Scene:
+          ctx: BuildContext, coarse_scale: float = 1.0, image_noise: float = 0.0) -> Scene:
     """Scene with parameters {"eye": (3,)}, one stage per σ of the schedule."""
     from diffrender import render as R
     from diffrender.camera import camera_from_look_at
@@ -79,6 +80,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
                eps=final.eps, margin=final.margin_px)
     targets = cached(ctx, key, lambda: {f"alpha_{i}": render_alpha(eye_true, render_settings(s, gamma, ctx), sz)
                                         .detach() for i, (s, sz) in enumerate(zip(sigmas, sizes, strict=True))})
+    targets = add_image_noise(targets, image_noise)
 
     def stage(i: int, s: float) -> Stage:
         settings = render_settings(s, gamma, ctx)
