@@ -444,7 +444,8 @@ class Fit:
     """One run: builds the scene, runs its stages within one shared budget, logs, checkpoints, writes outputs.
 
     ``solver.max_iterations`` and ``solver.max_seconds`` bound the whole fit: each stage gets what the
-    stages before it left (README, "Fitting")."""
+    stages before it left (README, "Fitting"). Seconds are the solver's own (its iterations), not the time
+    spent logging or computing metrics in the callbacks."""
 
     def __init__(self, cfg: DictConfig, out: Path, ckpt: dict[str, Any] | None = None,
                  applied: dict[str, Any] | None = None) -> None:
@@ -566,7 +567,7 @@ class Fit:
                 p.stage, p.stage_name = i, st.name
                 done_before = sum(p.stage_iterations[:i])
                 budget = {"max_iterations": None if max_it is None else int(max_it) - done_before,
-                          "max_seconds": None if max_s is None else float(max_s) - self.solve_seconds}
+                          "max_seconds": None if max_s is None else float(max_s) - p.solver_seconds}
                 if budget["max_iterations"] is not None and budget["max_iterations"] <= 0:
                     termination, message = "max_iterations", f"reached max_iterations = {max_it} (whole fit)"
                     break

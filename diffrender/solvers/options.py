@@ -20,7 +20,7 @@ class SolverOptions:
     function_tolerance: float = 1e-6  # stop when |cost_change| / cost <= this
     gradient_tolerance: float = 1e-10  # stop when max|gradient| <= this
     parameter_tolerance: float = 1e-8  # stop when |step| <= this * (|x| + this)
-    max_seconds: float | None = None  # wall-clock limit for one solve() call
+    max_seconds: float | None = None  # limit on one solve() call's own seconds (time in callbacks excluded)
     verbose: bool = False  # print each iteration record
 
 
