@@ -96,7 +96,14 @@ class SceneConfig:
 
 
 @dataclass
-class TeapotPoseConfig(SceneConfig):
+class PyramidConfig(SceneConfig):
+    """Scenes whose coarse σ stages run on an image pyramid."""
+
+    coarse_scale: float = 1.0  # image size of the coarse σ stages relative to image_size (image pyramid)
+
+
+@dataclass
+class TeapotPoseConfig(PyramidConfig):
     _target_: str = "diffrender.scenes.teapot_pose.build"
     name: str = "teapot_pose"
     mesh: str = "assets/teapot.obj"
@@ -104,12 +111,11 @@ class TeapotPoseConfig(SceneConfig):
     target_elevation_deg: float = 50.0
     target_azimuth_deg: float = 0.0
     start_eye: list[float] = field(default_factory=lambda: [3.0, 6.9, 2.5])
-    coarse_scale: float = 1.0  # image size of the coarse σ stages relative to image_size (image pyramid)
     image_noise: float = 0.0  # std of Gaussian noise added to the targets (seeded), e.g. for uncertainty.json
 
 
 @dataclass
-class ShapeConfig(SceneConfig):
+class ShapeConfig(PyramidConfig):
     """Multi-view silhouette (and color) shape fits from an icosphere."""
 
     _target_: str = "diffrender.scenes.cow_shape.build"

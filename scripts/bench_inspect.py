@@ -40,7 +40,7 @@ def build(scene: str, dtype: torch.dtype):
         sc = teapot_pose.build(name=scene, mesh="assets/teapot.obj", image_size=48, sigma=1e-4, sigma_schedule=[],
                                coarse_to_fine=False, gamma=1e-4, fov_deg=60.0, target_distance=3.0,
                                target_elevation_deg=50.0, target_azimuth_deg=0.0, start_eye=[0.0, 2.3, 1.9],
-                               ctx=ctx, image_noise=NOISE)
+                               coarse_scale=1.0, ctx=ctx, image_noise=NOISE)
         desc = "48 px, 1 view, sigma 1e-4"
         iters = 20
     else:
@@ -49,7 +49,8 @@ def build(scene: str, dtype: torch.dtype):
                              coarse_to_fine=False, gamma=1e-4, fov_deg=60.0, sphere_level=2, sphere_radius=0.6,
                              views=8, distance=2.5, elevations_deg=[-20.0, 25.0], color_stage=False,
                              w_silhouette=1.0, w_color=1.0, w_laplacian=1.0, w_edge=0.3, w_normal=0.1,
-                             preconditioner_lambda=10.0, ctx=ctx, image_noise=NOISE)
+                             preconditioner_lambda=10.0, coarse_scale=1.0, view_chunks=1, ctx=ctx,
+                             image_noise=NOISE)
         desc = "ico2 (162 verts), 8 views at 48 px, sigma 3e-4, silhouettes + regularizers"
         iters = 15
     x = {k: v.clone() for k, v in sc.x0.items()}

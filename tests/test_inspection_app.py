@@ -33,7 +33,7 @@ def teapot():
     scene = teapot_pose.build(name="teapot_pose", mesh="assets/teapot.obj", image_size=32, sigma=1e-3,
                               sigma_schedule=[], coarse_to_fine=False, gamma=1e-4, fov_deg=60.0,
                               target_distance=3.0, target_elevation_deg=50.0, target_azimuth_deg=0.0,
-                              start_eye=[0.3, 2.4, 2.0], ctx=ctx, image_noise=0.02)
+                              start_eye=[0.3, 2.4, 2.0], coarse_scale=1.0, ctx=ctx, image_noise=0.02)
     x = {"eye": scene.ground_truth["eye"] + torch.tensor([0.02, -0.01, 0.03], dtype=D)}
     problem = scene.stages[-1].make_problem(x)
     x = LevenbergMarquardt(max_iterations=20).solve(problem, x).x  # the fitted (noisy) pose
@@ -143,7 +143,7 @@ def test_shape_scene_reports_per_vertex_std_and_draws_the_mesh(tmp_path):
                             sigma_schedule=[], coarse_to_fine=False, gamma=1e-4, fov_deg=60.0, sphere_level=1,
                             sphere_radius=0.6, views=3, distance=2.5, elevations_deg=[-20.0, 25.0],
                             color_stage=False, w_silhouette=1.0, w_color=1.0, w_laplacian=1.0, w_edge=0.3,
-                            w_normal=0.1, preconditioner_lambda=10.0, ctx=ctx)
+                            w_normal=0.1, preconditioner_lambda=10.0, coarse_scale=1.0, view_chunks=1, ctx=ctx)
     x = {"offsets": 0.05 * torch.randn(42, 3, generator=torch.Generator().manual_seed(0), dtype=D)}
     problem = scene.stages[-1].make_problem(x)
     # all blocks count (the regularizers as a prior): full rank; unit residual noise

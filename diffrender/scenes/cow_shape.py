@@ -26,6 +26,7 @@ from diffrender.scenes.base import (
     load_mesh,
     render_settings,
     sigma_stages,
+    stage_size,
 )
 from diffrender.scenes.regularizers import (
     Topology,
@@ -53,7 +54,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
           coarse_to_fine: bool, gamma: float, fov_deg: float, sphere_level: int, sphere_radius: float,
           views: int, distance: float, elevations_deg: list[float], color_stage: bool, w_silhouette: float,
           w_color: float, w_laplacian: float, w_edge: float, w_normal: float, preconditioner_lambda: float,
-          ctx: BuildContext, view_chunks: int = 1, image_noise: float = 0.0) -> Scene:
+          coarse_scale: float, view_chunks: int, ctx: BuildContext, image_noise: float = 0.0) -> Scene:
     from diffrender import render as R
     from diffrender.camera import camera_from_look_at, orbit_eyes
     from diffrender.mesh import Mesh, icosphere, save_obj
@@ -68,22 +69,26 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     eyes = orbit_eyes(int(views), float(distance), list(elevations_deg), **kw)
     cam = camera_from_look_at(eyes, fov_deg=fov_deg, height=size, width=size)
     sigmas = sigma_stages(sigma, sigma_schedule, coarse_to_fine, ctx)
+    # image pyramid: the blurred stages carry no fine detail and run on coarse_scale x the final size
+    sizes = [stage_size(size, coarse_scale) for _ in sigmas[:-1]] + [size]
+    cams = {sz: camera_from_look_at(eyes, fov_deg=fov_deg, height=sz, width=sz) for sz in set(sizes)}
     final = render_settings(sigmas[-1], gamma, ctx)
     lights = default_lights(ctx.dtype, ctx.device)
     has_color = bool(color_stage) and (gt.texture is not None or gt.colors is not None)
 
-    def render_gt(settings, rgb: bool):
+    def render_gt(settings, rgb: bool, camera=cam):
         with torch.no_grad():
-            return R.render_mesh(gt, cam, settings, lights=lights if rgb else None,
+            return R.render_mesh(gt, camera, settings, lights=lights if rgb else None,
                                  outputs=("alpha", "rgb") if rgb else ("alpha",))
 
     def make_targets():
-        out = {f"alpha_{i}": render_gt(render_settings(s, gamma, ctx), False)["alpha"] for i, s in enumerate(sigmas)}
+        out = {f"alpha_{i}": render_gt(render_settings(s, gamma, ctx), False, cams[sz])["alpha"]
+               for i, (s, sz) in enumerate(zip(sigmas, sizes, strict=True))}
         if has_color:
             out["rgb"] = render_gt(final, True)["rgb"]
         return out
 
-    key = dict(scene=name, mesh=file_key(ctx.asset(mesh)), size=size, sigmas=sigmas, gamma=final.gamma,
+    key = dict(scene=name, mesh=file_key(ctx.asset(mesh)), size=sizes, sigmas=sigmas, gamma=final.gamma,
                fov=fov_deg, views=views, distance=distance, elev=list(elevations_deg), color=has_color,
                dtype=str(ctx.dtype), cull=final.cull_backfaces, eps=final.eps, margin=final.margin_px)
     targets = add_image_noise(cached(ctx, key, make_targets), image_noise)
@@ -100,7 +105,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
 
     def silhouette_stage(i: int, s: float) -> Stage:
         settings = render_settings(s, gamma, ctx)
-        tgt = targets[f"alpha_{i}"]
+        tgt, cam = targets[f"alpha_{i}"], cams[sizes[i]]
 
         def make_problem(x: Params):
             from diffrender.problem import Problem
@@ -131,7 +136,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
             return Problem(terms, prepare=prepares, weights=chunk_weights, preconditioner=pre,
                            sampled_terms=[t for t in terms if t != "regularizers"])
 
-        return Stage(f"silhouette sigma={s:g}", ["offsets"], make_problem)
+        return Stage(f"silhouette sigma={s:g} {sizes[i]}px", ["offsets"], make_problem)
 
     def color_stage_(s: float) -> Stage:
         settings = render_settings(s, gamma, ctx)

@@ -49,7 +49,7 @@ def pose_errors(eye, eye_true) -> dict[str, float]:
 def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule: list[float],
           coarse_to_fine: bool, gamma: float, fov_deg: float, target_distance: float,
           target_elevation_deg: float, target_azimuth_deg: float, start_eye: list[float],
-          ctx: BuildContext, coarse_scale: float = 1.0, image_noise: float = 0.0) -> Scene:
+          coarse_scale: float, ctx: BuildContext, image_noise: float = 0.0) -> Scene:
     """Scene with parameters {"eye": (3,)}, one stage per σ of the schedule."""
     from diffrender import render as R
     from diffrender.camera import camera_from_look_at
