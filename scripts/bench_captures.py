@@ -43,6 +43,10 @@ import dataset_writers as DW  # noqa: E402
 import numpy as np  # noqa: E402
 import reference_zbuffer as Z  # noqa: E402
 import torch  # noqa: E402
+
+# torch.func's VJPs import torch._dynamo on first use (~1-5 s): import it up front, as scripts/fit.py does, so
+# that the one-time import is not counted as solver time
+import torch._dynamo  # noqa: E402, F401
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402

@@ -95,7 +95,7 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
     from diffrender.manifolds import AxisAngleSO3
     from diffrender.mesh import Mesh, edges, icosphere
     from diffrender.mesh import subdivide as subdivide_mesh
-    from diffrender.scenes.hard import hard_render
+    from diffrender.scenes.hard import HARD_SIGMA, hard_render
     from diffrender.scenes.mask_targets import MaskTargets, area_resize, calibrated_target
 
     free = list(free)
@@ -305,7 +305,9 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
                                      keys + extra, s, size, "out" if sub or not fine else "coarse", use_sil,
                                      rgb_in_geometry, correct=True))
     if rgb_keys and (color_stage or not geo_keys):
-        stages.append(make_stage("colors", rgb_keys, sigmas[-1], (H, W), "out", False, True))
+        # geometry fixed: colors are fitted on the hard render (σ → 0), a linear least-squares problem whose
+        # optimum is the best the per-vertex colors can do against these images (no blur at the edges)
+        stages.append(make_stage("colors", rgb_keys, HARD_SIGMA, (H, W), "out", False, True))
     if not stages:
         raise UserError(f"scene.free={free}: no unknown to fit")
 
