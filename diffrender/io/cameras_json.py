@@ -24,7 +24,7 @@ import torch
 
 from diffrender.camera import Camera, focal_from_fov
 from diffrender.config import UserError
-from diffrender.io.views import Views, check_rotation, make_camera, number, numbers, read_json
+from diffrender.io.views import Views, all_or_none, check_rotation, entries, make_camera, number, numbers, path_field
 
 
 def _look_at(eye: np.ndarray, at: np.ndarray, up: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -64,10 +64,7 @@ def read_cameras_json(path: str | os.PathLike, *, dtype: torch.dtype = torch.flo
                       device: torch.device | str | None = None) -> Views:
     """Parse ``cameras.json`` (format above). Paths are relative to the file's folder."""
     path = Path(path)
-    data = read_json(path)
-    views = data.get("views") if isinstance(data, dict) else None
-    if not isinstance(views, list) or not views:
-        raise UserError(f"{path}: expected an object with a non-empty list 'views'")
+    data, views = entries(path, "views")
     defaults = {k: v for k, v in data.items() if k not in ("views", "mesh")}
     Rs, ts, focal, principal, files, masks, sizes = [], [], [], [], [], [], []
     for i, view in enumerate(views):
@@ -95,17 +92,11 @@ def read_cameras_json(path: str | os.PathLike, *, dtype: torch.dtype = torch.flo
         Rs.append(R)
         ts.append(t)
         files.append(path.parent / view["file"])
-        mask = view.get("mask")
-        if mask is not None and not isinstance(mask, str):
-            raise UserError(f"{where}: 'mask' must be a path string, got {mask!r}")
+        mask = path_field(view, "mask", where)
         masks.append(path.parent / mask if mask else None)
-    if any(m is not None for m in masks) and not all(m is not None for m in masks):
-        raise UserError(f"{path}: either every view names a 'mask' or none does")
-    mesh = data.get("mesh")
-    if mesh is not None and not isinstance(mesh, str):
-        raise UserError(f"{path}: 'mesh' must be a path string, got {mesh!r}")
+    mesh = path_field(data, "mesh", str(path))
     camera = make_camera(Rs, ts, focal, principal, sizes, str(path), dtype=dtype, device=device)
-    return Views(camera=camera, images=files, masks=masks if masks[0] is not None else None,
+    return Views(camera=camera, images=files, masks=all_or_none(masks, str(path), "mask"),
                  mesh=(path.parent / mesh) if mesh else None, source=path, root=path.parent, format="cameras.json")
 
 

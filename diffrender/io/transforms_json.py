@@ -28,10 +28,12 @@ from diffrender.io.images import read_image
 from diffrender.io.views import (
     DISTORTION_KEYS,
     Views,
+    all_or_none,
     check_rotation,
+    entries,
     make_camera,
     number,
-    read_json,
+    path_field,
     refuse_distortion,
 )
 
@@ -55,10 +57,7 @@ def read_transforms_json(path: str | os.PathLike, *, dtype: torch.dtype = torch.
                          device: torch.device | str | None = None) -> Views:
     """Parse a ``transforms.json`` (format above) into OpenCV cameras; paths relative to its folder."""
     path = Path(path)
-    data = read_json(path)
-    frames = data.get("frames") if isinstance(data, dict) else None
-    if not isinstance(frames, list) or not frames:
-        raise UserError(f"{path}: expected an object with a non-empty list 'frames'")
+    data, frames = entries(path, "frames")
     top = {k: v for k, v in data.items() if k != "frames"}
     Rs, ts, focal, principal, files, masks, sizes = [], [], [], [], [], [], []
     for i, frame in enumerate(frames):
@@ -104,16 +103,10 @@ def read_transforms_json(path: str | os.PathLike, *, dtype: torch.dtype = torch.
         R, t = opengl_to_opencv(torch.from_numpy(rows[None]))
         Rs.append(R[0].numpy())
         ts.append(t[0].numpy())
-        mp = frame.get("mask_path")
-        if mp is not None and not isinstance(mp, str):
-            raise UserError(f"{where}: 'mask_path' must be a path string, got {mp!r}")
+        mp = path_field(frame, "mask_path", where)
         masks.append(resolve_image(path.parent, mp, where) if mp else None)
-    if any(m is not None for m in masks) and not all(m is not None for m in masks):
-        raise UserError(f"{path}: either every frame names a 'mask_path' or none does")
     camera = make_camera(Rs, ts, focal, principal, sizes, str(path), dtype=dtype, device=device)
-    mesh = data.get("mesh")  # not part of the format: a convenience, as in cameras.json
-    if mesh is not None and not isinstance(mesh, str):
-        raise UserError(f"{path}: 'mesh' must be a path string, got {mesh!r}")
-    return Views(camera=camera, images=files, masks=masks if masks[0] is not None else None,
+    mesh = path_field(data, "mesh", str(path))  # not part of the format: a convenience, as in cameras.json
+    return Views(camera=camera, images=files, masks=all_or_none(masks, str(path), "mask_path"),
                  mesh=(path.parent / mesh) if mesh else None, source=path, root=path.parent,
                  format="transforms.json")

@@ -51,6 +51,32 @@ def read_json(path: Path) -> Any:
         raise UserError(f"cannot parse {path}: {e}") from None
 
 
+def entries(path: Path, key: str) -> tuple[dict, list]:
+    """(the parsed camera file, its non-empty list ``key``) or UserError naming the file."""
+    data = read_json(path)
+    items = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{path}: expected an object with a non-empty list '{key}'")
+    return data, items
+
+
+def path_field(obj: dict, key: str, where: str) -> str | None:
+    """``obj[key]`` when it is a path string, None when absent; UserError otherwise."""
+    v = obj.get(key)
+    if v is not None and not isinstance(v, str):
+        raise UserError(f"{where}: '{key}' must be a path string, got {v!r}")
+    return v
+
+
+def all_or_none(paths: list[Path | None], where: str, key: str) -> list[Path] | None:
+    """Per-view optional files: every view names one (the list) or none does (None)."""
+    if all(p is None for p in paths):
+        return None
+    if any(p is None for p in paths):
+        raise UserError(f"{where}: either every view names a '{key}' or none does")
+    return paths
+
+
 def number(obj: dict, key: str, where: str, default: float | None = None) -> float:
     """``obj[key]`` as a finite float (``default`` when absent and a default is given)."""
     v = obj.get(key)

@@ -241,7 +241,7 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
                "normal": w_normal, "color_smooth": w_color_smooth}
 
     def make_stage(label: str, keys: list[str], s: float, size: tuple[int, int], level: str, with_sil: bool,
-                   with_rgb: bool, correct: bool = False) -> Stage:
+                   with_rgb: bool) -> Stage:
         settings = render_settings(s, gamma, ctx)
         f_stage = faces_out if level == "out" else faces
 
@@ -250,13 +250,13 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
 
             fixed = {k: v for k, v in x.items() if k not in keys}
             tgt = None
-            if with_sil:  # soft target calibrated on the current mesh: the renderer's own edge profile
+            if with_sil:  # soft target calibrated on the mesh where this stage starts (mask_targets)
                 with torch.no_grad():
                     v, cam = verts(x, level), unknowns.camera(x, *size)
                     soft = R.render(v, f_stage, cam, R.prepare(v, f_stage, cam, settings), settings,
                                     outputs=("alpha",))["alpha"]
                     tgt = calibrated_target(area_resize(mask_targets.sdf_ndc, *size), soft,
-                                            hard_render(v, f_stage, cam)["alpha"], s, correct=correct)
+                                            hard_render(v, f_stage, cam)["alpha"], s, correct=True)
 
             def residuals(p, pairs):
                 q = {**fixed, **p}
@@ -295,7 +295,7 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
         extra = rgb_keys if rgb_in_geometry else []
         for s, size in zip(sigmas[:-1], sizes[:-1], strict=True):
             stages.append(make_stage(f"sigma={s:g} {size[1]}x{size[0]}", geo_keys + extra, s, size,
-                                     "coarse" if fine else "out", use_sil, rgb_in_geometry, correct=True))
+                                     "coarse" if fine else "out", use_sil, rgb_in_geometry))
         # the final σ: passes each re-calibrated where the last one ended
         s, size = sigmas[-1], sizes[-1]
         for k in range(max(1, int(final_passes))):
@@ -303,7 +303,7 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
             keys = [g for g in geo_keys if g != "offsets"] + ["offsets_fine"] if sub else geo_keys
             stages.append(make_stage(f"sigma={s:g} {size[1]}x{size[0]} pass {k + 1}{' subdivided' if sub else ''}",
                                      keys + extra, s, size, "out" if sub or not fine else "coarse", use_sil,
-                                     rgb_in_geometry, correct=True))
+                                     rgb_in_geometry))
     if rgb_keys and (color_stage or not geo_keys):
         # geometry fixed: colors are fitted on the hard render (σ → 0), a linear least-squares problem whose
         # optimum is the best the per-vertex colors can do against these images (no blur at the edges)
