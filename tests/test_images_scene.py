@@ -22,7 +22,7 @@ from diffrender.scenes.base import BuildContext
 from diffrender.scenes.camera_unknowns import CameraUnknowns
 from diffrender.scenes.hard import hard_render
 from diffrender.scenes.mask_targets import MaskTargets, calibrated_target, signed_distance
-from diffrender.scenes.viewpoint_search import search_view0
+from diffrender.scenes.viewpoint_search import cluster_vertices, search_view0
 
 ROOT = Path(__file__).resolve().parents[1]
 D = torch.float64
@@ -121,6 +121,27 @@ def test_viewpoint_search_finds_a_known_pose():
     ang = math.degrees(math.acos(found @ eye / np.linalg.norm(found) / np.linalg.norm(eye)))
     assert res.start_iou < 0.5 < 0.85 < res.iou
     assert ang < 8 and abs(np.linalg.norm(found) / np.linalg.norm(eye) - 1) < 0.05, (ang, found)
+
+
+def test_clustered_stand_in_keeps_the_silhouette():
+    m = subdivide(load_obj(ROOT / "assets" / "spot.obj", dtype=D))  # 23k faces, as a dense scan would have
+    v, f = cluster_vertices(m.verts, m.faces, 32)  # what the search uses at 32 px
+    assert f.shape[0] < 0.25 * m.faces.shape[0]
+    cam = cams([[2.0, 0.5, 1.0], [-1.0, 1.5, -2.0], [0.0, -2.2, 0.3]], 32, fov=40)
+    a = hard_render(m.verts, m.faces, cam)["alpha"] > 0.5
+    b = hard_render(v, f, cam)["alpha"] > 0.5
+    assert float((a & b).sum() / (a | b).sum()) > 0.95
+
+
+def test_with_size_keeps_points_on_the_same_image_fraction():
+    from diffrender.camera import focal_from_fov, with_size
+
+    cam = cams([[0.3, 0.4, 3.0]], 40)
+    assert cam.focal[0, 1] == pytest.approx(focal_from_fov(50.0, 40))
+    small = with_size(cam, 10, 20)
+    p = torch.tensor([[0.2, -0.1, 0.3]], dtype=D)
+    torch.testing.assert_close(small.project(p)[0] / torch.tensor([20.0, 10.0], dtype=D),
+                               cam.project(p)[0] / torch.tensor([40.0, 40.0], dtype=D))
 
 
 # ------------------------------------------------------------------------------------------ camera unknowns

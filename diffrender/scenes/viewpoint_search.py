@@ -78,6 +78,11 @@ def cluster_vertices(verts: Tensor, faces: Tensor, cells: int) -> tuple[Tensor, 
     return merged / count[:, None], torch.unique(f.sort(dim=1).values, dim=0)  # hard silhouettes: winding is moot
 
 
+def _centers(R: Tensor, t: Tensor) -> Tensor:
+    """Camera centers (K, 3) of world-to-camera poses R (K, 3, 3), t (K, 3)."""
+    return -(R.transpose(1, 2) @ t.unsqueeze(-1)).squeeze(-1)
+
+
 class _Scorer:
     """Renders candidate view-0 poses with the whole rig and scores them against the target silhouettes."""
 
@@ -118,21 +123,25 @@ class _Scorer:
 
 def search_view0(verts: Tensor, faces: Tensor, rig: Camera, target: Tensor, at: Tensor, up: Tensor,
                  start: tuple[Tensor, Tensor], *, directions: int = 300, rolls: int = 1, keep: int = 6,
-                 rounds: int = 2, cone_size: int = 24, max_views: int = 256) -> SearchResult:
+                 rounds: int = 2, cone_size: int = 24, max_views: int = 256, max_faces: int = 5000) -> SearchResult:
     """Best world-to-camera pose of view 0 for hard silhouettes ``target: (N, H, W)`` (bool or [0, 1]).
 
-    verts (V, 3), faces (F, 3): the mesh in world coordinates; rig: the N views at the search size with
-    their current poses (their placement relative to view 0 is kept); at (3,): the point candidates look
-    at; up (3,): world up for them; start: view 0's current (R (3, 3), t (3,)), also scored.
+    verts (V, 3), faces (F, 3): the mesh in world coordinates (above ``max_faces`` faces a vertex-clustered
+    stand-in is rendered instead, with as many cells across the mesh as the search images have pixels);
+    rig: the N views at the search size with their current poses (their placement relative to view 0 is
+    kept); at (3,): the point candidates look at; up (3,): world up for them; start: view 0's current
+    (R (3, 3), t (3,)), also scored.
     """
     t0 = time.perf_counter()
+    if faces.shape[0] > max_faces:
+        verts, faces = cluster_vertices(verts, faces, max(rig.height, rig.width))
     sc = _Scorer(verts, faces, rig, target, at, up, max_views)
     R_s, t_s = start
     start_iou = float(sc.iou(R_s[None], t_s[None])[0])
-    dist0 = torch.linalg.norm(-(R_s.transpose(0, 1) @ t_s) - at)
+    offset = -(R_s.transpose(0, 1) @ t_s) - at  # start camera center relative to at
+    dist0, ray = offset.norm(), offset / offset.norm()
     for _ in range(2):  # a common start distance at which the object appears about as large as in the target
-        c = at + (-(R_s.transpose(0, 1) @ t_s) - at) * dist0 / torch.linalg.norm(-(R_s.transpose(0, 1) @ t_s) - at)
-        area = sc.render(R_s[None], -(R_s @ c)[None]).sum()
+        area = sc.render(R_s[None], -(R_s @ (at + dist0 * ray))[None]).sum()
         dist0 = dist0 * torch.sqrt(area.clamp_min(1) / sc.target.sum().clamp_min(1)).clamp(0.25, 4.0)
     dirs = fibonacci_sphere(directions, verts.dtype, verts.device)
     dirs = dirs[torch.linalg.cross(dirs, up.expand_as(dirs)).norm(dim=-1) > 1e-2]  # look_at needs dir x up != 0
@@ -150,8 +159,8 @@ def search_view0(verts: Tensor, faces: Tensor, rig: Camera, target: Tensor, at: 
             break
     # refine every seed by cones of directions, one batch per round for all seeds
     d, r = dirs[seeds], roll[seeds]
-    dist = torch.linalg.norm(-(R[seeds].transpose(1, 2) @ t[seeds].unsqueeze(-1)).squeeze(-1) - at, dim=-1)
     cur, Rb, tb = iou[seeds], R[seeds], t[seeds]
+    dist = (_centers(Rb, tb) - at).norm(dim=-1)
     m = cone_size + 1
     for k in range(rounds):
         cd = torch.cat([cone(d[i], spacing / 2**k, cone_size) for i in range(len(seeds))])
@@ -164,7 +173,7 @@ def search_view0(verts: Tensor, faces: Tensor, rig: Camera, target: Tensor, at: 
         d = torch.where(better[:, None], cd[j], d)
         Rb = torch.where(better[:, None, None], Rc[j], Rb)
         tb = torch.where(better[:, None], tc[j], tb)
-        dist = torch.linalg.norm(-(Rb.transpose(1, 2) @ tb.unsqueeze(-1)).squeeze(-1) - at, dim=-1)
+        dist = (_centers(Rb, tb) - at).norm(dim=-1)
     i = int(torch.argmax(cur))
     best = (float(cur[i]), Rb[i], tb[i])
     if best[0] <= start_iou:
