@@ -163,14 +163,13 @@ class SearchLog(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__()
-        self.seconds = 0.0
-        self.text = ""
+        self.seconds, self.start_iou, self.iou = 0.0, math.nan, math.nan
 
     def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
+        msg = record.getMessage()  # "viewpoint search: K candidates in S s, hard IoU at HxW A -> B"
         if msg.startswith("viewpoint search"):
-            self.text = msg
             self.seconds = float(msg.split(" in ")[1].split(" s")[0])
+            self.start_iou, self.iou = (float(v) for v in msg.split()[-3::2])
 
 
 def goal_pose(tmp: Path) -> dict:
@@ -185,7 +184,8 @@ def goal_pose(tmp: Path) -> dict:
     m = scene.metrics_fn(x, scene.render_fn(x))
     return {"dir_err_deg": math.degrees(math.acos(min(1.0, cos))),
             "dist_err_pct": 100 * abs(np.linalg.norm(eye) / np.linalg.norm(gt["eye_true"]) - 1),
-            "hard_iou": m["iou"], "search_s": handler.seconds, "build_s": build_s, "lm_s": solver_s,
+            "hard_iou": m["iou"], "search_iou_start": handler.start_iou, "search_iou": handler.iou,
+            "search_s": handler.seconds, "build_s": build_s, "lm_s": solver_s,
             "lm_wall_s": wall_s, "iterations": its, "stages": len(scene.stages)}
 
 
