@@ -153,8 +153,8 @@ class ImagesConfig(SceneConfig):
     sphere_radius: float = 1.0
     sphere_center: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     subdivide: int = 0  # with offsets free: subdivide the mesh this many times for a last stage
-    free: list[str] = field(default_factory=lambda: ["pose"])  # pose offsets colors background camera_eye
-    # camera_pose view_poses
+    # unknowns, any of: pose offsets colors background camera_eye camera_pose view_poses
+    free: list[str] = field(default_factory=lambda: ["pose"])
     target: str = "auto"  # silhouette | rgb | both | auto (silhouettes when there are masks; rgb when colors free)
     background: str = "fixed"  # fixed (background_color) | free | alpha (compare colors premultiplied by alpha)
     background_color: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
@@ -166,7 +166,7 @@ class ImagesConfig(SceneConfig):
     init_translation: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # R about the world origin
     look_at: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # camera_eye: the point view 0 looks at
     up: list[float] = field(default_factory=lambda: [0.0, 1.0, 0.0])  # camera_eye: world up
-    search: str = "auto"  # viewpoint search before the fit: auto (when the start's hard IoU < search_below_iou)
+    search: str = "auto"  # viewpoint search: on | off | auto (when the start's hard IoU < search_below_iou)
     search_below_iou: float = 0.5
     search_directions: int = 300  # candidate directions of view 0 around the object
     search_rolls: int = 1  # rolls about the viewing axis per direction (1: keep the up direction)
