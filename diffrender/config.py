@@ -158,7 +158,7 @@ class ImagesConfig(SceneConfig):
     target: str = "auto"  # silhouette | rgb | both | auto (silhouettes when there are masks; rgb when colors free)
     background: str = "fixed"  # fixed (background_color) | free | alpha (compare colors premultiplied by alpha)
     background_color: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    sigma: float = 0.0  # final σ (NDC²); 0: auto, the coverage cutoff 2 px from an edge at the images' size
+    sigma: float | None = None  # final σ (NDC²); null: auto, the coverage cutoff 2 px from an edge at the images' size
     sigma_schedule: list[float] = field(default_factory=lambda: [1e-3, 1e-4])
     final_passes: int = 2  # solves at the final σ, each against targets re-calibrated where the last ended
     coarse_blur_px: float = 3.0  # coarse σ stages run downscaled until their blur radius spans this many px

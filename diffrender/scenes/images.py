@@ -83,7 +83,7 @@ def _check_choices(free: list[str], target: str, background: str, search: str) -
 def build(*, name: str, folder: str, cameras: str | None, format: str, images: str | None, masks: str | None,
           mesh: str | None, sphere_level: int, sphere_radius: float, sphere_center: list[float], subdivide: int,
           free: list[str], target: str, background: str, background_color: list[float], image_size: int,
-          sigma: float, sigma_schedule: list[float], coarse_to_fine: bool, coarse_blur_px: float, gamma: float,
+          sigma: float | None, sigma_schedule: list[float], coarse_to_fine: bool, coarse_blur_px: float, gamma: float,
           fov_deg: float, init_axis_angle: list[float], init_translation: list[float], look_at: list[float],
           up: list[float], search: str, search_below_iou: float, search_directions: int, search_rolls: int,
           search_size: int, w_silhouette: float, w_color: float, w_laplacian: float, w_edge: float,
@@ -200,7 +200,7 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
                             search_directions, search_rolls, search_size))
 
     # ---------------------------------------------------------------- stages
-    final_sigma = float(sigma) if sigma > 0 else auto_sigma(H, W, eps=render_settings(1.0, gamma, ctx).eps)
+    final_sigma = float(sigma) if sigma else auto_sigma(H, W, eps=render_settings(1.0, gamma, ctx).eps)
     sigmas = [float(s) for s in sigma_schedule if float(s) > final_sigma] if bool(ctx.opt("coarse_to_fine",
                                                                                           coarse_to_fine)) else []
     sigmas.append(float(ctx.opt("sigma", final_sigma)))
