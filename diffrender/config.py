@@ -157,18 +157,45 @@ class LightsAlbedoConfig(SceneConfig):
 
 @dataclass
 class ImagesConfig(SceneConfig):
-    """Real data: a folder of images + ``cameras.json`` (format in the README)."""
+    """Your own data: images (+ masks) and cameras in any supported format (README, "Your data")."""
 
     _target_: str = "diffrender.scenes.images.build"
     name: str = "images"
-    folder: str = "assets/example_images"
-    cameras: str | None = None  # default: <folder>/cameras.json
-    mesh: str | None = None  # default: the "mesh" entry of cameras.json
-    free: list[str] = field(default_factory=lambda: ["pose"])  # any of pose, offsets, colors
-    target: str = "auto"  # silhouette | rgb | auto (silhouette when the images have alpha)
-    init_axis_angle: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    init_translation: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    w_laplacian: float = 1.0  # regularizer weight when offsets are free
+    folder: str = "assets/example_images"  # the dataset folder
+    cameras: str | None = None  # camera file or COLMAP model folder (default: found in folder)
+    format: str = "auto"  # auto | cameras.json | transforms.json | colmap
+    images: str | None = None  # COLMAP: the image folder (default: an images/ folder beside the model)
+    masks: str | None = None  # mask files by pattern, relative to the dataset root, e.g. masks/{stem}.png
+    mesh: str | None = None  # starting mesh (world units); "sphere": an icosphere; default: named by the camera file
+    sphere_level: int = 3
+    sphere_radius: float = 1.0
+    sphere_center: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    subdivide: int = 0  # with offsets free: subdivide the mesh this many times for a last stage
+    # unknowns, any of: pose offsets colors background camera_eye camera_pose view_poses
+    free: list[str] = field(default_factory=lambda: ["pose"])
+    target: str = "auto"  # silhouette | rgb | both | auto (silhouettes when there are masks; rgb when colors free)
+    background: str = "fixed"  # fixed (background_color) | free | alpha (compare colors premultiplied by alpha)
+    background_color: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    sigma: float | None = None  # final σ (NDC²); null: auto, the coverage cutoff 2 px from an edge at the images' size
+    sigma_schedule: list[float] = field(default_factory=lambda: [1e-3, 1e-4])
+    final_passes: int = 2  # solves at the final σ, each against targets re-calibrated where the last ended
+    coarse_blur_px: float = 3.0  # coarse σ stages run downscaled until their blur radius spans this many px
+    init_axis_angle: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # pose start: world = R v + t,
+    init_translation: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # R about the world origin
+    look_at: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # camera_eye: the point view 0 looks at
+    up: list[float] = field(default_factory=lambda: [0.0, 1.0, 0.0])  # camera_eye: world up
+    search: str = "auto"  # viewpoint search: on | off | auto (when the start's hard IoU < search_below_iou)
+    search_below_iou: float = 0.5
+    search_directions: int = 300  # candidate directions of view 0 around the object
+    search_rolls: int = 1  # rolls about the viewing axis per direction (1: keep the up direction)
+    search_size: int = 32  # image size (shorter side) of the search renders
+    w_silhouette: float = 1.0
+    w_color: float = 1.0
+    w_laplacian: float = 1.0  # offsets regularizers (as in cow_shape)
+    w_edge: float = 0.3
+    w_normal: float = 0.1
+    w_color_smooth: float = 0.01  # Laplacian of the per-vertex colors
+    preconditioner_lambda: float = 10.0  # (I + λL)^-1 on the offsets (Nicolet et al. 2021); 0: Jacobi
 
 
 @dataclass

@@ -499,6 +499,7 @@ class Fit:
                                 config_text=OmegaConf.to_yaml(OmegaConf.create(config_container(cfg))))
         self.stage_results: list[dict[str, Any]] = list(ckpt.get("stage_results", [])) if ckpt else []
         self._stage_t0: float | None = None
+        self.stage_start_x: dict[str, Any] = {}  # the parameters where the current stage began (checkpointed)
 
     # -------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:
@@ -513,7 +514,7 @@ class Fit:
             "x": {k: v.detach().cpu().clone() for k, v in p.x.items()}, "state": p.state, "step": p.step,
             "history": p.history, "solver_seconds": p.solver_seconds, "solve_seconds": solve_s,
             "stage_iterations": p.stage_iterations, "stage_results": self.stage_results,
-            "resumes": self.resumes})
+            "stage_start_x": self.stage_start_x, "resumes": self.resumes})
 
     def callbacks(self, x_full: dict[str, Any], bar: Any) -> list[Callable[..., bool]]:
         """Bookkeeping, metrics, logging, stopping and checkpointing, as separate callbacks (in this order:
@@ -575,7 +576,15 @@ class Fit:
                     termination, message = "time_limit", f"reached max_seconds = {max_s} (whole fit)"
                     break
                 solver = build_solver(self.cfg.solver, **budget)
-                problem = st.make_problem(x)
+                # a stage's problem may depend on where the stage began (targets calibrated on the mesh there):
+                # a resumed stage is rebuilt from its saved start, so that it continues the same problem
+                resuming = state is not None and i == start_stage and ckpt and ckpt.get("stage_start_x")
+                if resuming:
+                    start_x = {**x, **{k: v.to(self.device, self.dtype) for k, v in ckpt["stage_start_x"].items()}}
+                else:
+                    start_x = x
+                self.stage_start_x = {k: v.detach().cpu().clone() for k, v in start_x.items()}
+                problem = st.make_problem(start_x)
                 xs = {k: x[k] for k in st.keys}
                 log.info(f"stage {i + 1}/{len(scene.stages)} '{st.name}': free {', '.join(st.keys)} "
                          f"({sum(v.numel() for v in xs.values())} unknowns), solver {type(solver).__name__}")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffrender.config import UserError
+from diffrender.errors import UserError
 from diffrender.io import load_cameras_json, load_image_set, read_image, write_png
 from diffrender.mesh import icosphere
 from diffrender.scenes.base import chamfer, iou, psnr, stage_size
