@@ -31,13 +31,6 @@ from diffrender.scenes.base import (
 )
 
 
-def eye_from_spherical(distance: float, elevation_deg: float, azimuth_deg: float) -> list[float]:
-    """PyTorch3D's ``look_at_view_transform`` convention: (d cos e sin a, d sin e, d cos e cos a)."""
-    e, a = math.radians(elevation_deg), math.radians(azimuth_deg)
-    d = distance
-    return [d * math.cos(e) * math.sin(a), d * math.sin(e), d * math.cos(e) * math.cos(a)]
-
-
 def pose_errors(eye, eye_true) -> dict[str, float]:
     """Angle between the eye directions (degrees) and relative distance error (percent)."""
     eye, eye_true = eye.detach().double().reshape(3), eye_true.detach().double().reshape(3)
@@ -52,14 +45,13 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
           coarse_scale: float, ctx: BuildContext, image_noise: float = 0.0) -> Scene:
     """Scene with parameters {"eye": (3,)}, one stage per σ of the schedule."""
     from diffrender import render as R
-    from diffrender.camera import camera_from_look_at
+    from diffrender.camera import camera_from_look_at, orbit_eyes
 
     size = int(ctx.opt("image_size", image_size))
     m = load_mesh(ctx, mesh, normalize=False)  # the tutorial's own scale
     verts, faces = m.verts, m.faces
     kw = dict(dtype=ctx.dtype, device=ctx.device)
-    eye_true = eye_from_spherical(target_distance, target_elevation_deg, target_azimuth_deg)
-    eye_true = torch.tensor(eye_true, **kw)
+    eye_true = orbit_eyes(1, target_distance, target_elevation_deg, target_azimuth_deg, **kw)[0]
     sigmas = sigma_stages(sigma, sigma_schedule, coarse_to_fine, ctx)
     final = render_settings(sigmas[-1], gamma, ctx)
 
