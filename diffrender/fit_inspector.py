@@ -33,6 +33,7 @@ from torch import Tensor
 
 from diffrender.inspection import Jacobian, conditioning, covariance, gauss_newton_gap, solver_preconditioner
 from diffrender.io import to_uint8, write_png
+from diffrender.jsonable import jsonable
 
 log = logging.getLogger("fit.inspect")
 
@@ -340,7 +341,7 @@ class FitInspector:
             write_png(self.out / "uncertainty_mesh.png", torch.cat([img, torch.ones(4, img.shape[1], 3), bar]))
             files.append("uncertainty_mesh.png")
         data.update(seconds=time.perf_counter() - t0, products=unc.products)
-        (self.out / "uncertainty.json").write_text(json.dumps(_jsonable(data), indent=1))
+        (self.out / "uncertainty.json").write_text(json.dumps(jsonable(data, digits=7), indent=1))
         log.info(f"inspect: uncertainty ({unc.method}, blocks {', '.join(unc.blocks)}, sigma2 {unc.sigma2:.3g}) "
                  f"in {time.perf_counter() - t0:.1f} s -> {', '.join(files)}")
         return files
@@ -396,17 +397,6 @@ def _cond_scalars(c: Any, suffix: str) -> dict[str, float]:
     else:
         out[f"cond{suffix}"] = c.cond
     return out
-
-
-def _jsonable(v: Any) -> Any:
-    """Plain JSON: non-finite floats as strings ("inf"), floats to 7 significant digits."""
-    if isinstance(v, dict):
-        return {str(k): _jsonable(w) for k, w in v.items()}
-    if isinstance(v, list | tuple):
-        return [_jsonable(w) for w in v]
-    if isinstance(v, float):
-        return float(f"{v:.7g}") if math.isfinite(v) else str(v)
-    return v
 
 
 def make_inspector(cfg: Any, scene: Any, problem: Any, writer: Any, out: str | Path, **kw: Any) -> FitInspector | None:

@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from diffrender.config import created_run_dirs, register_configs, validate_config  # noqa: E402
 from diffrender.errors import UserError  # noqa: E402
+from diffrender.jsonable import jsonable  # noqa: E402
 
 log = logging.getLogger("fit")
 GROUPS = ("scene", "solver", "device", "renderer", "logging", "inspect")
@@ -281,20 +282,6 @@ def record_dict(record: Any) -> dict[str, Any]:
     out = {k: (float(v) if isinstance(v, float) else v) for k, v in out.items()}
     out["block_costs"] = {k: float(v) for k, v in (getattr(record, "block_costs", None) or {}).items()}
     return out
-
-
-def jsonable(v: Any) -> Any:
-    import torch
-
-    if isinstance(v, dict):
-        return {str(k): jsonable(w) for k, w in v.items()}
-    if isinstance(v, list | tuple):
-        return [jsonable(w) for w in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, torch.Tensor):
-        return jsonable(v.detach().cpu().tolist())
-    return v
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -212,11 +212,6 @@ def load_mesh(ctx: BuildContext, path: str | Path, *, normalize: bool = True) ->
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    def conv(v: Any) -> Any:
-        if isinstance(v, Tensor):
-            return v.detach().cpu().tolist()
-        if isinstance(v, dict):
-            return {k: conv(w) for k, w in v.items()}
-        return v
+    from diffrender.jsonable import jsonable
 
-    path.write_text(json.dumps(conv(data), indent=2))
+    path.write_text(json.dumps(jsonable(data), indent=2))
