@@ -200,3 +200,57 @@ def orbit_eyes(n: int, distance: float, elevation_deg: float | Sequence[float] =
     el = torch.deg2rad(elev[torch.arange(n) % elev.numel()])
     eyes = distance * torch.stack([el.cos() * az.sin(), el.sin(), el.cos() * az.cos()], dim=-1)
     return eyes.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dataset conventions and pose parameterizations (camera unknowns)
+
+
+def focal_from_fov(fov_deg: float, size: float) -> float:
+    """Focal length in pixels for a full field of view ``fov_deg`` across ``size`` pixels."""
+    if not 0.0 < fov_deg < 180.0:
+        raise ValueError(f"fov_deg must be in (0, 180), got {fov_deg}")
+    return 0.5 * size / math.tan(math.radians(fov_deg) / 2)
+
+
+# OpenGL / Blender cameras look along -z with y up; OpenCV along +z with y down: flip the y and z axes.
+_GL_TO_CV = (1.0, -1.0, -1.0)
+
+
+def opengl_to_opencv(c2w: Tensor) -> tuple[Tensor, Tensor]:
+    """World-to-camera (R (N, 3, 3), t (N, 3)) in OpenCV axes from camera-to-world matrices ``c2w``
+    (N, 3, 4) or (N, 4, 4) in OpenGL axes (NeRF / Blender ``transform_matrix``)."""
+    c2w = c2w[..., :3, :4]
+    rot_cv = c2w[..., :3, :3] * c2w.new_tensor(_GL_TO_CV)  # scales the columns: camera axes in the world
+    R = rot_cv.transpose(-1, -2)
+    t = -(R @ c2w[..., :3, 3:]).squeeze(-1)
+    return R, t
+
+
+def opencv_to_opengl(R: Tensor, t: Tensor) -> Tensor:
+    """Camera-to-world (N, 4, 4) in OpenGL axes from OpenCV world-to-camera ``R`` (N, 3, 3), ``t`` (N, 3);
+    the inverse of :func:`opengl_to_opencv`."""
+    rot = R.transpose(-1, -2)
+    center = -(rot @ t.unsqueeze(-1))
+    top = torch.cat([rot * R.new_tensor(_GL_TO_CV), center], -1)
+    bottom = R.new_tensor([0.0, 0.0, 0.0, 1.0]).expand(*R.shape[:-2], 1, 4)
+    return torch.cat([top, bottom], -2)
+
+
+def compose_extrinsics(R_a: Tensor, t_a: Tensor, R_b: Tensor, t_b: Tensor) -> tuple[Tensor, Tensor]:
+    """The transform ``x -> R_a (R_b x + t_b) + t_a`` as (R, t); shapes broadcast ((..., 3, 3), (..., 3))."""
+    return R_a @ R_b, (R_a @ t_b.unsqueeze(-1)).squeeze(-1) + t_a
+
+
+def relative_to_first(R: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Each view's pose relative to view 0 (a rig): (R_rel, t_rel) with ``view_i = rel_i ∘ view_0``;
+    R: (N, 3, 3), t: (N, 3)."""
+    R_rel = R @ R[0].transpose(-1, -2)
+    return R_rel, t - (R_rel @ t[0].unsqueeze(-1)).squeeze(-1)
+
+
+def with_size(camera: Camera, height: int, width: int) -> Camera:
+    """The same views resampled to ``height x width`` pixels (image pyramids): focal lengths and principal
+    points scale with the image, so a point lands on the same fraction of the image."""
+    s = camera.focal.new_tensor([width / camera.width, height / camera.height])
+    return replace(camera, focal=camera.focal * s, principal=camera.principal * s, height=height, width=width)

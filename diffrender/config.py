@@ -106,7 +106,14 @@ class SceneConfig:
 
 
 @dataclass
-class TeapotPoseConfig(SceneConfig):
+class PyramidConfig(SceneConfig):
+    """Scenes whose coarse σ stages run on an image pyramid."""
+
+    coarse_scale: float = 1.0  # image size of the coarse σ stages relative to image_size (image pyramid)
+
+
+@dataclass
+class TeapotPoseConfig(PyramidConfig):
     _target_: str = "diffrender.scenes.teapot_pose.build"
     name: str = "teapot_pose"
     mesh: str = "assets/teapot.obj"
@@ -114,11 +121,11 @@ class TeapotPoseConfig(SceneConfig):
     target_elevation_deg: float = 50.0
     target_azimuth_deg: float = 0.0
     start_eye: list[float] = field(default_factory=lambda: [3.0, 6.9, 2.5])
-    coarse_scale: float = 1.0  # image size of the coarse σ stages relative to image_size (image pyramid)
+    image_noise: float = 0.0  # std of Gaussian noise added to the targets (seeded), e.g. for uncertainty.json
 
 
 @dataclass
-class ShapeConfig(SceneConfig):
+class ShapeConfig(PyramidConfig):
     """Multi-view silhouette (and color) shape fits from an icosphere."""
 
     _target_: str = "diffrender.scenes.cow_shape.build"
@@ -137,6 +144,7 @@ class ShapeConfig(SceneConfig):
     w_normal: float = 0.1
     preconditioner_lambda: float = 10.0  # (I + λL)^-1 for the CG solve (Nicolet et al. 2021); 0: off
     view_chunks: int = 1  # residual terms the views are split into (a solver may subsample their curvature)
+    image_noise: float = 0.0  # std of Gaussian noise added to the targets (seeded), e.g. for uncertainty.json
 
 
 @dataclass
@@ -159,18 +167,45 @@ class LightsAlbedoConfig(SceneConfig):
 
 @dataclass
 class ImagesConfig(SceneConfig):
-    """Real data: a folder of images + ``cameras.json`` (format in the README)."""
+    """Your own data: images (+ masks) and cameras in any supported format (README, "Your data")."""
 
     _target_: str = "diffrender.scenes.images.build"
     name: str = "images"
-    folder: str = "assets/example_images"
-    cameras: str | None = None  # default: <folder>/cameras.json
-    mesh: str | None = None  # default: the "mesh" entry of cameras.json
-    free: list[str] = field(default_factory=lambda: ["pose"])  # any of pose, offsets, colors
-    target: str = "auto"  # silhouette | rgb | auto (silhouette when the images have alpha)
-    init_axis_angle: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    init_translation: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    w_laplacian: float = 1.0  # regularizer weight when offsets are free
+    folder: str = "assets/example_images"  # the dataset folder
+    cameras: str | None = None  # camera file or COLMAP model folder (default: found in folder)
+    format: str = "auto"  # auto | cameras.json | transforms.json | colmap
+    images: str | None = None  # COLMAP: the image folder (default: an images/ folder beside the model)
+    masks: str | None = None  # mask files by pattern, relative to the dataset root, e.g. masks/{stem}.png
+    mesh: str | None = None  # starting mesh (world units); "sphere": an icosphere; default: named by the camera file
+    sphere_level: int = 3
+    sphere_radius: float = 1.0
+    sphere_center: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    subdivide: int = 0  # with offsets free: subdivide the mesh this many times for a last stage
+    # unknowns, any of: pose offsets colors background camera_eye camera_pose view_poses
+    free: list[str] = field(default_factory=lambda: ["pose"])
+    target: str = "auto"  # silhouette | rgb | both | auto (silhouettes when there are masks; rgb when colors free)
+    background: str = "fixed"  # fixed (background_color) | free | alpha (compare colors premultiplied by alpha)
+    background_color: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    sigma: float | None = None  # final σ (NDC²); null: auto, the coverage cutoff 2 px from an edge at the images' size
+    sigma_schedule: list[float] = field(default_factory=lambda: [1e-3, 1e-4])
+    final_passes: int = 2  # solves at the final σ, each against targets re-calibrated where the last ended
+    coarse_blur_px: float = 3.0  # coarse σ stages run downscaled until their blur radius spans this many px
+    init_axis_angle: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # pose start: world = R v + t,
+    init_translation: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # R about the world origin
+    look_at: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # camera_eye: the point view 0 looks at
+    up: list[float] = field(default_factory=lambda: [0.0, 1.0, 0.0])  # camera_eye: world up
+    search: str = "auto"  # viewpoint search: on | off | auto (when the start's hard IoU < search_below_iou)
+    search_below_iou: float = 0.5
+    search_directions: int = 300  # candidate directions of view 0 around the object
+    search_rolls: int = 1  # rolls about the viewing axis per direction (1: keep the up direction)
+    search_size: int = 32  # image size (shorter side) of the search renders
+    w_silhouette: float = 1.0
+    w_color: float = 1.0
+    w_laplacian: float = 1.0  # offsets regularizers (as in cow_shape)
+    w_edge: float = 0.3
+    w_normal: float = 0.1
+    w_color_smooth: float = 0.01  # Laplacian of the per-vertex colors
+    preconditioner_lambda: float = 10.0  # (I + λL)^-1 on the offsets (Nicolet et al. 2021); 0: Jacobi
 
 
 @dataclass
@@ -187,6 +222,7 @@ class FitConfig:
     stop_after: int | None = None  # stop (as if interrupted) after this many iterations in total
     cache_dir: str = ".cache/diffrender"  # synthetic targets, keyed by a hash of the scene config
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    inspect: Any = MISSING  # conf/inspect/*.yaml, schema InspectConfig (end of this file)
 
 
 def solver_schema(target: str, options: type) -> type:
@@ -329,3 +365,37 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+# ---------------------------------------------------------------------------------------- the inspect group
+@dataclass
+class InspectConfig:
+    """``inspect``: look inside the fit (README, "Looking inside a fit"): sensitivity images and
+    conditioning every ``every`` iterations, parameter uncertainty at the end (``uncertainty.json``)."""
+
+    enabled: bool = False
+    every: int = 5  # sensitivity images + conditioning every N iterations of each stage; 0: only at the end
+    sensitivity: bool = True  # TensorBoard images sensitivity/<param>
+    max_columns: int = 12  # parameters with at most this many coordinates: one image row per coordinate
+    max_views: int = 4  # views per sensitivity image
+    conditioning: bool = True  # scalars inspect/eig_min, eig_max, cond (and *_precond)
+    preconditioned: bool = True  # also the operator PCG sees (the problem's preconditioner or Jacobi)
+    lanczos_steps: int = 30  # Lanczos steps (2 products each) per conditioning estimate
+    lanczos_tol: float = 1e-6  # stop early when the extreme Ritz pairs reach this relative residual
+    gn_gap: bool = False  # scalar inspect/gn_gap: ||(H - JᵀJ) v|| / ||H v|| along the least-constrained v
+    uncertainty: bool = True  # uncertainty.json (+ mesh colored by per-vertex std for shape scenes)
+    blocks: list[str] | None = None  # residual blocks counted; null: all but the regularizers below
+    regularizers: list[str] = field(
+        default_factory=lambda: ["laplacian", "edge", "normal", "albedo_smooth", "gauge"])
+    residual_variance: bool = True  # scale (JᵀJ)⁻¹ by σ̂² = 2 cost / (m - n); false: unit residual noise
+    dense_max: int = 2000  # dense covariance up to this many parameters; Hutchinson + PCG above
+    probes: int = 32  # Hutchinson probes (one PCG solve each)
+    max_cg_iterations: int = 200
+    seed: int = 0
+
+
+def register_inspect_config() -> None:
+    ConfigStore.instance().store(group="schema/inspect", name="inspect", node=InspectConfig)
+
+
+register_inspect_config()

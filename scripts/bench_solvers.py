@@ -36,7 +36,7 @@ from benchutil import median_ms, peak_mb  # noqa: E402
 from mgh_problems import PROBLEMS, best_lre, classify  # noqa: E402
 
 from diffrender.problem import Problem  # noqa: E402
-from diffrender.solvers import GaussNewton, LevenbergMarquardt  # noqa: E402
+from diffrender.solvers import Dogleg, GaussNewton, LevenbergMarquardt, NewtonCG  # noqa: E402
 
 TOL = dict(function_tolerance=1e-8, parameter_tolerance=1e-8)
 
@@ -70,10 +70,17 @@ def _lm(linear_solver):
     return lambda q: LevenbergMarquardt(linear_solver=linear_solver, max_iterations=100 * (q.n + 1), **TOL)
 
 
+def _budget(cls, **options):
+    return lambda q: cls(max_iterations=100 * (q.n + 1), **TOL, **options)
+
+
 SOLVERS = {
     "LM dense": lambda p: _ours(p, _lm("dense")),
     "LM cg": lambda p: _ours(p, _lm("cg")),
-    "GN": lambda p: _ours(p, lambda q: GaussNewton(max_iterations=100 * (q.n + 1), **TOL)),
+    "LM geodesic": lambda p: _ours(p, _budget(LevenbergMarquardt, linear_solver="dense", geodesic_acceleration=0.75)),
+    "GN": lambda p: _ours(p, _budget(GaussNewton)),
+    "Dogleg": lambda p: _ours(p, _budget(Dogleg)),
+    "Newton-CG": lambda p: _ours(p, _budget(NewtonCG)),
     "scipy lm": lambda p: _scipy(p, "lm"),
     "scipy trf": lambda p: _scipy(p, "trf"),
 }
@@ -97,10 +104,10 @@ def bench_mgh(repeats: int) -> list[dict]:
             print(f"{p.number:>2} {p.name:20s} {name:10s} {row['solved']:>6s} {row['lre']:>5.1f} "
                   f"{row['iterations']:>5d} {row['nfev']:>5d} {row['njev']:>5d} {row['jvps']:>5d} "
                   f"{row['vjps']:>5d} {1e3 * row['seconds']:>8.1f}")
-    print(f"\n{'solver':10s} {'solved':>6s} {'global':>6s} {'median nfev':>11s} {'median njev':>11s}")
+    print(f"\n{'solver':12s} {'solved':>6s} {'global':>6s} {'median nfev':>11s} {'median njev':>11s}")
     for name in SOLVERS:
         sel = [r for r in rows if r["solver"] == name]
-        print(f"{name:10s} {sum(r['solved'] != 'no' for r in sel):>6d} {sum(r['solved'] == 'global' for r in sel):>6d} "
+        print(f"{name:12s} {sum(r['solved'] != 'no' for r in sel):>6d} {sum(r['solved'] == 'global' for r in sel):>6d} "
               f"{statistics.median(r['nfev'] for r in sel):>11.1f} {statistics.median(r['njev'] for r in sel):>11.1f}")
     return rows
 
@@ -238,8 +245,42 @@ def bench_large(quick: bool, repeats: int, iterations: int, device: torch.device
               f"{it_s:>7.2f} {row['cg_per_iteration']:>7} {lm_mb:>8.1f} {row['peak_mb_over_fwd_bwd']:>6.2f} "
               f"{res.cost:>11.4e}")
     print("  goals: JtJv/res <= 3, MB/fb <= 4 (LM solve peak over one forward+backward peak)")
+    rows += bench_large_solvers(wp, x0, iterations, device, repeats)
     for mode, rep in reports[:1]:
         print(f"\nLM report (jvp_mode={mode}):\n{rep}")
+    return rows
+
+
+def bench_large_solvers(wp: WarpProblem, x0: dict, iterations: int, device: torch.device, repeats: int) -> list[dict]:
+    """Every second-order solver for the same iterations on the large problem (transpose JVPs), and the cost
+    of one Hessian-vector product (Newton-CG's product) against one J^T J v."""
+    problem = Problem(wp.residuals)
+    n = x0["grid"].numel()
+    v = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
+    lin = problem.linearize(x0, None)
+    lin.op.jtj(v)
+    jtj_ms = median_ms(lambda: lin.op.jtj(v), device, repeats)
+    hess = problem.hessian(x0, None)
+    hess.hvp(v)
+    hvp_ms = median_ms(lambda: hess.hvp(v), device, repeats)
+    lin = hess = None
+    print(f"\n  J^T J v {jtj_ms:.1f} ms, Hessian-vector product {hvp_ms:.1f} ms ({hvp_ms / jtj_ms:.2f}x)")
+    print(f"  {'solver':10s} {'s/iter':>7s} {'products/iter':>13s} {'cost after':>11s}  ({iterations} iterations)")
+    rows = []
+    for name, solver in (("LM", LevenbergMarquardt(max_iterations=iterations, linear_solver="cg",
+                                                   max_cg_iterations=50)),
+                         ("GN", GaussNewton(max_iterations=iterations, linear_solver="cg", max_cg_iterations=50)),
+                         ("Dogleg", Dogleg(max_iterations=iterations, linear_solver="cg", max_cg_iterations=50)),
+                         ("Newton-CG", NewtonCG(max_iterations=iterations, max_cg_iterations=50))):
+        res = solver.solve(Problem(wp.residuals), x0)
+        steps = [r for r in res.records if r.iteration > 0]
+        it_s = statistics.median(r.seconds for r in steps[1:] or steps)
+        c = res.counters
+        products = (c.jvps + c.vjps + c.hvps) / max(1, len(steps))
+        rows.append(dict(problem=f"warp n={n}", solver=name, seconds_per_iteration=it_s, iterations=len(steps),
+                         jvps=c.jvps, vjps=c.vjps, hvps=c.hvps, final_cost=res.cost, initial_cost=res.initial_cost,
+                         jtjv_ms=jtj_ms, hvp_ms=hvp_ms, solved=None, lre=None))
+        print(f"  {name:10s} {it_s:>7.2f} {products:>13.1f} {res.cost:>11.4e}")
     return rows
 
 

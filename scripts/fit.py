@@ -45,9 +45,10 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from diffrender import distributed  # noqa: E402
 from diffrender.config import created_run_dirs, register_configs, validate_config  # noqa: E402
 from diffrender.errors import UserError  # noqa: E402
+from diffrender.jsonable import jsonable  # noqa: E402
 
 log = logging.getLogger("fit")
-GROUPS = ("scene", "solver", "device", "renderer", "logging")
+GROUPS = ("scene", "solver", "device", "renderer", "logging", "inspect")
 CONF = ROOT / "conf"
 CHECKPOINT_NAME = "checkpoint.pt"  # diffrender.checkpoint's name, without importing torch to know it
 # what `resume=` may change: the budget and what is logged; anything else would make a different fit
@@ -319,20 +320,6 @@ def record_dict(record: Any) -> dict[str, Any]:
     return out
 
 
-def jsonable(v: Any) -> Any:
-    import torch
-
-    if isinstance(v, dict):
-        return {str(k): jsonable(w) for k, w in v.items()}
-    if isinstance(v, list | tuple):
-        return [jsonable(w) for w in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, torch.Tensor):
-        return jsonable(v.detach().cpu().tolist())
-    return v
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
     """Temporary file + os.replace, with SIGINT/SIGTERM held off for the few milliseconds it takes, so a
     second Ctrl-C never leaves a truncated summary."""
@@ -494,7 +481,8 @@ class Fit:
     """One run: builds the scene, runs its stages within one shared budget, logs, checkpoints, writes outputs.
 
     ``solver.max_iterations`` and ``solver.max_seconds`` bound the whole fit: each stage gets what the
-    stages before it left (README, "Fitting")."""
+    stages before it left (README, "Fitting"). Seconds are the solver's own (its iterations), not the time
+    spent logging or computing metrics in the callbacks."""
 
     def __init__(self, cfg: DictConfig, out: Path, ckpt: dict[str, Any] | None = None,
                  applied: dict[str, Any] | None = None) -> None:
@@ -544,6 +532,10 @@ class Fit:
         except InstantiationException as e:
             raise UserError(f"cannot build the scene: {' '.join(str(e).split())}") from None
         self.scene = builder(ctx=ctx)
+        inspect = cfg.get("inspect")
+        if self.world_size > 1 and inspect is not None and inspect.get("enabled", False):
+            raise UserError("inspect=enabled needs every residual in one process: it is not available in a fit "
+                            "launched by torchrun (inspect the run afterwards in one process)")
         if self.world_size > 1 and self.scene.views is None:
             log.warning(f"scene {self.scene_name} does not shard its views: each of the {self.world_size} processes "
                         "evaluates all of them (same result, no speed-up)")
@@ -567,6 +559,7 @@ class Fit:
                                 config_text=OmegaConf.to_yaml(OmegaConf.create(config_container(cfg))))
         self.stage_results: list[dict[str, Any]] = list(ckpt.get("stage_results", [])) if ckpt else []
         self._stage_t0: float | None = None
+        self.stage_start_x: dict[str, Any] = {}  # the parameters where the current stage began (checkpointed)
 
     # -------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:
@@ -581,7 +574,7 @@ class Fit:
             "x": {k: v.detach().cpu().clone() for k, v in p.x.items()}, "state": p.state, "step": p.step,
             "history": p.history, "solver_seconds": p.solver_seconds, "solve_seconds": solve_s,
             "stage_iterations": p.stage_iterations, "stage_results": self.stage_results,
-            "resumes": self.resumes, "world_size": self.world_size})
+            "stage_start_x": self.stage_start_x, "resumes": self.resumes, "world_size": self.world_size})
 
     def callbacks(self, x_full: dict[str, Any], bar: Any) -> list[Callable[..., bool]]:
         """Bookkeeping, metrics, logging, stopping and checkpointing, as separate callbacks (in this order:
@@ -597,11 +590,10 @@ class Fit:
                 Checkpoint(p, int(lc.checkpoint_every), self.save_checkpoint)]
 
     def time_up(self) -> bool:
-        """Whether the fit's ``solver.max_seconds`` is spent (sharded fits: checked in :class:`Stop`, where
-        the processes agree, instead of by each solver on its own clock)."""
+        """Whether the fit's ``solver.max_seconds`` (the solvers' own time) is spent; sharded fits check it in
+        :class:`Stop`, where the processes agree, instead of each solver on its own clock."""
         max_s = self.cfg.solver.get("max_seconds")
-        spent = self.solve_seconds + (time.perf_counter() - self._stage_t0 if self._stage_t0 else 0.0)
-        return max_s is not None and spent >= float(max_s)
+        return max_s is not None and self.p.solver_seconds >= float(max_s)
 
     def report_unseen(self, result: Any, cbs: list[Callable[..., bool]]) -> None:
         """Records a solver did not pass to the callbacks (ours pass every one; a researcher's own may stop
@@ -617,6 +609,7 @@ class Fit:
 
     # -------------------------------------------------------------- the run
     def run(self) -> dict[str, Any]:
+        from diffrender.fit_inspector import make_inspector
         from diffrender.logging import ProgressBar, progress_enabled
         from diffrender.solvers import CallbackList, Solver
 
@@ -642,13 +635,14 @@ class Fit:
         bar = ProgressBar(int(max_it) if max_it is not None else None,
                           progress_enabled(str(self.lcfg.progress)) and self.rank == 0, initial=p.step)
         interrupted, termination, message, t_solve = False, None, "", time.perf_counter()
+        inspector = None
         try:
             for i in range(start_stage, len(scene.stages)):
                 st = scene.stages[i]
                 p.stage, p.stage_name = i, st.name
                 done_before = sum(p.stage_iterations[:i])
                 budget = {"max_iterations": None if max_it is None else int(max_it) - done_before,
-                          "max_seconds": None if max_s is None else float(max_s) - self.solve_seconds}
+                          "max_seconds": None if max_s is None else float(max_s) - p.solver_seconds}
                 if budget["max_iterations"] is not None and budget["max_iterations"] <= 0:
                     termination, message = "max_iterations", f"reached max_iterations = {max_it} (whole fit)"
                     break
@@ -658,11 +652,22 @@ class Fit:
                 if self.reduction is not None:  # the processes agree on the time budget in Stop
                     budget["max_seconds"] = None
                 solver = build_solver(self.cfg.solver, **budget)
-                problem = st.make_problem(x)
+                # a stage's problem may depend on where the stage began (targets calibrated on the mesh there):
+                # a resumed stage is rebuilt from its saved start, so that it continues the same problem
+                resuming = state is not None and i == start_stage and ckpt and ckpt.get("stage_start_x")
+                if resuming:
+                    start_x = {**x, **{k: v.to(self.device, self.dtype) for k, v in ckpt["stage_start_x"].items()}}
+                else:
+                    start_x = x
+                self.stage_start_x = {k: v.detach().cpu().clone() for k, v in start_x.items()}
+                problem = st.make_problem(start_x)
                 xs = {k: x[k] for k in st.keys}
                 log.info(f"stage {i + 1}/{len(scene.stages)} '{st.name}': free {', '.join(st.keys)} "
                          f"({sum(v.numel() for v in xs.values())} unknowns), solver {type(solver).__name__}")
                 cbs = self.callbacks(x, bar)
+                inspector = make_inspector(self.cfg.get("inspect"), scene, problem, self.logger.writer, self.out,
+                                           x_full=x, step_fn=lambda: p.step)
+                cbs += [inspector] if inspector is not None else []
                 # a researcher's own solver may take one callable only: CallbackList is one
                 cb = cbs if isinstance(solver, Solver) else CallbackList(cbs)
                 kw = {}
@@ -711,6 +716,8 @@ class Fit:
             x = p.x
         finally:
             bar.close()
+        if inspector is not None and not interrupted:
+            inspector.finish(x)
         if interrupted:
             termination = "interrupted"
         elif p.stop_requested:

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Write ``assets/example_images/``: the small example for ``scene=images``.
 
-The teapot (assets/teapot.obj) moved by a known rigid transform is rendered from 4 views at 64x64 as
-RGBA PNGs (shaded gray, alpha = silhouette) with a ``cameras.json`` that uses both camera forms
-(R + t for three views, eye/at/up for one). Fitting ``scene=images`` (free: pose) from the identity should
-recover ``axis_angle = TRUE_AXIS_ANGLE`` and ``translation = TRUE_TRANSLATION``.
+The teapot (assets/teapot.obj) moved by a known rigid transform is rendered hard (σ → 0, as a z-buffer
+would: the alpha is a binary mask, like a photograph's segmentation) from 4 views at 64x64 as RGBA PNGs
+(shaded gray, alpha = silhouette) with a ``cameras.json`` that uses both camera forms (R + t and fx, fy, cx,
+cy for three views; eye/at/up and fov_y_deg for one). Fitting ``scene=images`` (free: pose) from the
+identity should recover ``axis_angle = TRUE_AXIS_ANGLE`` and ``translation = TRUE_TRANSLATION``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from diffrender.camera import camera_from_look_at, orbit_eyes, pose_to_extrinsic
 from diffrender.io import write_png  # noqa: E402
 from diffrender.mesh import load_obj  # noqa: E402
 from diffrender.raster.shading import Lights  # noqa: E402
+from diffrender.scenes.hard import HARD_SIGMA  # noqa: E402
 
 TRUE_AXIS_ANGLE = [0.0, 0.35, 0.1]
 TRUE_TRANSLATION = [0.1, -0.05, 0.08]
@@ -38,7 +40,7 @@ def main(out: Path = ROOT / "assets" / "example_images") -> None:
     verts = m.verts @ rot[0].T + t[0]
     eyes = orbit_eyes(VIEWS, 3.0, [30.0, 10.0], azimuth_start_deg=20.0, dtype=dtype)
     cam = camera_from_look_at(eyes, fov_deg=50.0, height=SIZE, width=SIZE)
-    settings = R.RenderSettings(sigma=2e-5, gamma=1e-4)
+    settings = R.RenderSettings(sigma=HARD_SIGMA, gamma=1e-4, cull_backfaces=False)
     lights = Lights.create(ambient=(0.35, 0.35, 0.35), directional_dirs=[(-0.4, -0.8, -0.5)],
                            directional_colors=[(0.7, 0.7, 0.7)], dtype=dtype)
     colors = torch.full_like(verts, 0.8)
@@ -50,12 +52,12 @@ def main(out: Path = ROOT / "assets" / "example_images") -> None:
     for i in range(VIEWS):
         name = f"view_{i:03d}.png"
         write_png(out / name, torch.cat([img["rgb"][i], img["alpha"][i][..., None]], -1))
-        v = {"file": name, "width": SIZE, "height": SIZE, "fx": float(cam.focal[i, 0]), "fy": float(cam.focal[i, 1]),
-             "cx": float(cam.principal[i, 0]), "cy": float(cam.principal[i, 1])}
+        v = {"file": name, "width": SIZE, "height": SIZE}
         if i == VIEWS - 1:
-            v.update(eye=eyes[i].tolist(), at=[0.0, 0.0, 0.0], up=[0.0, 1.0, 0.0])
+            v.update(fov_y_deg=50.0, eye=eyes[i].tolist(), at=[0.0, 0.0, 0.0], up=[0.0, 1.0, 0.0])
         else:
-            v.update(R=cam.R[i].tolist(), t=cam.t[i].tolist())
+            v.update(fx=float(cam.focal[i, 0]), fy=float(cam.focal[i, 1]), cx=float(cam.principal[i, 0]),
+                     cy=float(cam.principal[i, 1]), R=cam.R[i].tolist(), t=cam.t[i].tolist())
         views.append(v)
     (out / "cameras.json").write_text(json.dumps({"mesh": "../teapot.obj", "views": views}, indent=1))
     print(f"wrote {VIEWS} views to {out}")

@@ -137,7 +137,7 @@ def scene_fit(rank: int, world: int, reduction, **kw) -> torch.Tensor:
 SCENE = dict(name="cow_shape", mesh="assets/spot.obj", image_size=16, sigma=1e-3, sigma_schedule=[],
              coarse_to_fine=False, gamma=1e-4, fov_deg=60.0, sphere_level=1, sphere_radius=0.6, views=4,
              distance=2.5, elevations_deg=[-20.0, 25.0], color_stage=False, w_silhouette=1.0, w_color=1.0,
-             w_laplacian=1.0, w_edge=0.3, w_normal=0.1, preconditioner_lambda=10.0, view_chunks=2)
+             w_laplacian=1.0, w_edge=0.3, w_normal=0.1, preconditioner_lambda=10.0, view_chunks=2, coarse_scale=1.0)
 
 
 class FailingLM(LevenbergMarquardt):

@@ -160,7 +160,7 @@ def test_images_scene_recovers_a_pose_and_resumes_within_a_later_stage(tmp_path)
     assert ang < 0.25 * start, (ang, start)  # from 11.7° to within a quarter of it
     assert np.abs(np.asarray(pose["translation"]) - trans).max() < 0.25 * np.abs(trans).max()
     counts = [st["iterations"] for st in ref["stages"]]
-    assert len(counts) == 2 and counts[1] >= 2 and sum(counts) == ref["iterations"] <= 14  # one shared budget
+    assert len(counts) >= 2 and counts[1] >= 2 and sum(counts) == ref["iterations"] <= 14  # one shared budget
     # stopped in the second stage, then resumed: the same result and the same per-stage counts
     stopped = run_fit(tmp_path, *two, f"stop_after={counts[0] + 1}")
     assert [st["iterations"] for st in stopped["stages"]] == [counts[0], 1]

@@ -1,5 +1,5 @@
-"""Moré-Garbow-Hillstrom problems 1-19: our LM (dense and matrix-free CG paths), Dogleg and Newton-CG
-against MINPACK.
+"""Moré-Garbow-Hillstrom problems 1-19: our LM (dense and matrix-free CG paths, with geodesic acceleration,
+and with the app's rendering settings), Dogleg and Newton-CG against MINPACK.
 
 Both run with MINPACK's default tolerances as scipy sets them (ftol = xtol = 1e-8; our gradient tolerance
 stays Ceres' 1e-10) and an iteration budget of 100 (n + 1).  A problem counts as solved when the final
@@ -8,10 +8,12 @@ sum of squares has >= 4 correct digits against a minimum MGH list (f <= 1e-10 wh
 
 import math
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from mgh_problems import PROBLEMS, best_lre, classify
 
 from diffrender.problem import Problem
@@ -19,14 +21,18 @@ from diffrender.solvers import Dogleg, LevenbergMarquardt, NewtonCG
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
 
+# the app's LM settings for rendering fits (conf/solver/lm.yaml): they must not lose an MGH problem either
+_LM_YAML = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "solver" / "lm.yaml").read_text())
+APP_LM = {k: v for k, v in _LM_YAML.items() if k != "defaults"}
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _ours(p, linear_solver, cls=LevenbergMarquardt):
+def _ours(p, linear_solver, cls=LevenbergMarquardt, **options):
     problem = Problem(lambda x, ctx: p.residual(x["x"]))
     solver = cls(linear_solver=linear_solver, max_iterations=100 * (p.n + 1), function_tolerance=1e-8,
-                 parameter_tolerance=1e-8)
+                 parameter_tolerance=1e-8, **options)
     res = solver.solve(problem, {"x": p.start()})
     return 2 * res.cost, res.counters.residual_evals
 
@@ -44,13 +50,15 @@ def table():
     for p in PROBLEMS:
         row = {"p": p}
         for key, run in [("dense", lambda p=p: _ours(p, "dense")), ("cg", lambda p=p: _ours(p, "cg")),
+                         ("geodesic", lambda p=p: _ours(p, "dense", geodesic_acceleration=0.75)),
+                         ("app", lambda p=p: _ours(p, "auto", **APP_LM)),
                          ("dogleg", lambda p=p: _ours(p, "cg", Dogleg)),
                          ("newton_cg", lambda p=p: _ours(p, "cg", NewtonCG)),
                          ("minpack", lambda p=p: _minpack(p))]:
             f, nfev = run()
             row[key] = (f, classify(p, f), best_lre(p, f), nfev)
         rows.append(row)
-    keys = ("dense", "cg", "dogleg", "newton_cg", "minpack")
+    keys = ("dense", "cg", "geodesic", "app", "dogleg", "newton_cg", "minpack")
     print("\n  #  problem               " + "".join(f"{k:>30s}" for k in keys))
     for row in rows:
         cells = "".join(f"{row[k][0]:>12.5e} {row[k][1]:>6s} {row[k][2]:>4.1f} {row[k][3]:>5d}" for k in keys)
@@ -61,7 +69,7 @@ def table():
 def test_our_lm_solves_every_problem_minpack_solves(table):
     for row in table:
         p = row["p"]
-        for path in ("dense", "cg", "dogleg", "newton_cg"):
+        for path in ("dense", "cg", "geodesic", "app", "dogleg", "newton_cg"):
             f, kind, lre, _ = row[path]
             assert math.isfinite(f), (p.name, path)
             if row["minpack"][1] != "no":

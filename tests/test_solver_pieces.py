@@ -91,8 +91,8 @@ def test_gradient_test_does_not_depend_on_the_residual_scale():
     for scale in (1.0, 1e-6):
         problem = Problem(lambda x, ctx, s=scale: s * p.residual(x["x"]))
         for test in ("relative", "max_norm"):
-            runs[scale, test] = LevenbergMarquardt(gradient_test=test, linear_solver="dense", max_iterations=200,
-                                                  min_diagonal=1e-30) \
+            runs[scale, test] = LevenbergMarquardt(gradient_test=test, gradient_tolerance=1e-10, min_diagonal=1e-30,
+                                                   linear_solver="dense", max_iterations=200) \
                 .solve(problem, {"x": p.start()})
     ref, scaled = runs[1.0, "relative"], runs[1e-6, "relative"]
     assert ref.converged and ref.iterations > 10
@@ -159,3 +159,21 @@ def test_subsampled_curvature_converges_to_the_full_curvature_minimum():
     assert full.converged and sub.converged
     torch.testing.assert_close(sub.x["x"], full.x["x"], rtol=1e-6, atol=1e-8)
     assert math.isclose(sub.cost, full.cost, rel_tol=1e-10)
+
+
+def test_an_amortized_diagonal_is_reused_refreshed_and_never_negative():
+    """diagonal_every=3: the Hutchinson estimate is made at the first of every 3 linearizations and reused
+    in between; being a mean of squares, it is never negative."""
+    seen = []
+
+    def spy(info):
+        seen.append(info.jtj_diag)
+        return None  # Jacobi
+
+    terms, _, x0 = _many_terms()
+    problem = Problem(terms, preconditioner=spy)
+    res = LevenbergMarquardt(linear_solver="cg", dense_threshold=2, hutchinson_probes=2, diagonal_every=3,
+                             max_iterations=7, function_tolerance=0.0).solve(problem, x0)
+    assert res.iterations == 7 and all(r.accepted for r in res.records)
+    assert all(bool((d >= 0).all()) for d in seen)
+    assert seen[1] is seen[0] and seen[2] is seen[0] and seen[3] is not seen[0] and seen[4] is seen[3]

@@ -192,6 +192,15 @@ def cached(ctx: BuildContext, key: dict[str, Any],
     return data
 
 
+def add_image_noise(images: dict[str, Tensor], std: float, seed: int = 0) -> dict[str, Tensor]:
+    """Targets plus i.i.d. Gaussian noise of standard deviation ``std`` (seeded; none when ``std`` is 0), so
+    that a synthetic fit keeps a residual and its estimated noise level and uncertainty mean something."""
+    if not std > 0:
+        return images
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + std * torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device) for k, v in images.items()}
+
+
 def file_key(path: Path) -> list[Any]:
     st = path.stat()
     return [str(path), st.st_size, st.st_mtime_ns]
@@ -219,11 +228,6 @@ def load_mesh(ctx: BuildContext, path: str | Path, *, normalize: bool = True) ->
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    def conv(v: Any) -> Any:
-        if isinstance(v, Tensor):
-            return v.detach().cpu().tolist()
-        if isinstance(v, dict):
-            return {k: conv(w) for k, w in v.items()}
-        return v
+    from diffrender.jsonable import jsonable
 
-    path.write_text(json.dumps(conv(data), indent=2))
+    path.write_text(json.dumps(jsonable(data), indent=2))

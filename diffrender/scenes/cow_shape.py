@@ -22,6 +22,7 @@ from diffrender.scenes.base import (
     Params,
     Scene,
     Stage,
+    add_image_noise,
     cached,
     chamfer,
     file_key,
@@ -29,6 +30,7 @@ from diffrender.scenes.base import (
     load_mesh,
     render_settings,
     sigma_stages,
+    stage_size,
 )
 from diffrender.scenes.regularizers import (
     Topology,
@@ -51,7 +53,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
           coarse_to_fine: bool, gamma: float, fov_deg: float, sphere_level: int, sphere_radius: float,
           views: int, distance: float, elevations_deg: list[float], color_stage: bool, w_silhouette: float,
           w_color: float, w_laplacian: float, w_edge: float, w_normal: float, preconditioner_lambda: float,
-          ctx: BuildContext, view_chunks: int = 1) -> Scene:
+          coarse_scale: float, view_chunks: int, ctx: BuildContext, image_noise: float = 0.0) -> Scene:
     from diffrender import render as R
     from diffrender.camera import camera_from_look_at, orbit_eyes
     from diffrender.mesh import Mesh, icosphere, save_obj
@@ -66,6 +68,9 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     eyes = orbit_eyes(int(views), float(distance), list(elevations_deg), **kw)
     cam = camera_from_look_at(eyes, fov_deg=fov_deg, height=size, width=size)
     sigmas = sigma_stages(sigma, sigma_schedule, coarse_to_fine, ctx)
+    # image pyramid: the blurred stages carry no fine detail and run on coarse_scale x the final size
+    sizes = [stage_size(size, coarse_scale) for _ in sigmas[:-1]] + [size]
+    cams = {sz: camera_from_look_at(eyes, fov_deg=fov_deg, height=sz, width=sz) for sz in set(sizes)}
     final = render_settings(sigmas[-1], gamma, ctx)
     lights = default_lights(ctx.dtype, ctx.device)
     has_color = bool(color_stage) and (gt.texture is not None or gt.colors is not None)
@@ -75,20 +80,21 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     # rank 0 shows and saves results: it needs every view's target; the others only their own views'
     needed = plan.views if ctx.rank == 0 else plan.views_of(ctx.rank)
 
-    def render_gt(settings, rgb: bool):
-        return render_views(cam, needed, plan.chunk_views, lambda c: R.render_mesh(
+    def render_gt(settings, rgb: bool, camera=cam):
+        return render_views(camera, needed, plan.chunk_views, lambda c: R.render_mesh(
             gt, c, settings, lights=lights if rgb else None, outputs=("alpha", "rgb") if rgb else ("alpha",)))
 
     def make_targets():
-        out = {f"alpha_{i}": render_gt(render_settings(s, gamma, ctx), False)["alpha"] for i, s in enumerate(sigmas)}
+        out = {f"alpha_{i}": render_gt(render_settings(s, gamma, ctx), False, cams[sz])["alpha"]
+               for i, (s, sz) in enumerate(zip(sigmas, sizes, strict=True))}
         if has_color:
             out["rgb"] = render_gt(final, True)["rgb"]
         return out
 
-    key = dict(scene=name, mesh=file_key(ctx.asset(mesh)), size=size, sigmas=sigmas, gamma=final.gamma,
+    key = dict(scene=name, mesh=file_key(ctx.asset(mesh)), size=sizes, sigmas=sigmas, gamma=final.gamma,
                fov=fov_deg, views=views, distance=distance, elev=list(elevations_deg), color=has_color,
                dtype=str(ctx.dtype), cull=final.cull_backfaces, eps=final.eps, margin=final.margin_px)
-    targets = cached(ctx, key, make_targets, store=len(needed) == int(cam.num_views))
+    targets = add_image_noise(cached(ctx, key, make_targets, store=len(needed) == int(cam.num_views)), image_noise)
     weights = {"silhouette": w_silhouette, "laplacian": w_laplacian, "edge": w_edge, "normal": w_normal}
     pre = None
     if preconditioner_lambda > 0:
@@ -98,21 +104,21 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
         return {"laplacian": laplacian_residual(v, topo), "edge": edge_residual(v, topo),
                 "normal": normal_residual(v, faces, topo)}
 
-    def problem(settings, image_residuals, block_weights: dict[str, float]):
+    def problem(settings, camera, image_residuals, block_weights: dict[str, float]):
         """The stage's Problem: one term of every view (the plain problem), or one term per chunk of views
         that this process owns (``views/<k>``, blocks ``<kind>/<k>``), plus ``regularizers`` in rank 0."""
         from diffrender.problem import Problem
 
         if plan.single:
             def residuals(p, pairs):
-                return {**image_residuals(p, cam, pairs, None), **regularizers(base + p["offsets"])}
+                return {**image_residuals(p, camera, pairs, None), **regularizers(base + p["offsets"])}
 
-            return Problem(residuals, prepare=lambda p: R.prepare(base + p["offsets"], faces, cam, settings),
+            return Problem(residuals, prepare=lambda p: R.prepare(base + p["offsets"], faces, camera, settings),
                            weights={**weights, **block_weights}, preconditioner=pre)
         terms, prepares, chunk_weights = {}, {}, {}
         for k in plan.local_chunks:
             idx = list(plan.chunks[k])
-            cam_k = cam.select(idx)
+            cam_k = camera.select(idx)
             terms[f"views/{k}"] = lambda p, pairs, cam_k=cam_k, k=k, idx=idx: image_residuals(p, cam_k, pairs, (k, idx))
             prepares[f"views/{k}"] = lambda p, cam_k=cam_k: R.prepare(base + p["offsets"], faces, cam_k, settings)
             chunk_weights.update({f"{b}/{k}": w for b, w in block_weights.items()})
@@ -129,14 +135,14 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
 
     def silhouette_stage(i: int, s: float) -> Stage:
         settings = render_settings(s, gamma, ctx)
-        tgt = targets[f"alpha_{i}"]
+        tgt, camera = targets[f"alpha_{i}"], cams[sizes[i]]
 
         def image_residuals(p, cam_k, pairs, chunk):
             alpha = R.render(base + p["offsets"], faces, cam_k, pairs, settings, outputs=("alpha",))["alpha"]
             return named({"silhouette": alpha - (tgt if chunk is None else tgt[chunk[1]])}, chunk)
 
-        return Stage(f"silhouette sigma={s:g}", ["offsets"],
-                     lambda x: problem(settings, image_residuals, {"silhouette": w_silhouette}))
+        return Stage(f"silhouette sigma={s:g} {sizes[i]}px", ["offsets"],
+                     lambda x: problem(settings, camera, image_residuals, {"silhouette": w_silhouette}))
 
     def color_stage_(s: float) -> Stage:
         settings = render_settings(s, gamma, ctx)
@@ -149,7 +155,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
             return named({"silhouette": out["alpha"] - a, "color": out["rgb"] - c}, chunk)
 
         return Stage("color", ["offsets", "colors"],
-                     lambda x: problem(settings, image_residuals, {"silhouette": w_silhouette, "color": w_color}))
+                     lambda x: problem(settings, cam, image_residuals, {"silhouette": w_silhouette, "color": w_color}))
 
     stages = [silhouette_stage(i, s) for i, s in enumerate(sigmas)]
     x0 = {"offsets": torch.zeros_like(base)}

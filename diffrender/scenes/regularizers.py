@@ -19,13 +19,13 @@ class Topology:
     """Integer connectivity of a fixed triangle mesh.
 
     edges: (E, 2) unique undirected edges; degree: (V,) vertex degrees; face_pairs: (P, 2) faces sharing
-    an edge (interior edges of a manifold mesh).
+    an edge (interior edges of a manifold mesh); faces: (F, 3).
     """
 
     edges: Tensor
     degree: Tensor
     face_pairs: Tensor
-
+    faces: Tensor
     @staticmethod
     def of(faces: Tensor, num_verts: int) -> Topology:
         from diffrender.mesh import edges as mesh_edges
@@ -42,7 +42,7 @@ class Topology:
         starts = torch.cumsum(counts, 0) - counts
         two = (counts == 2).nonzero().squeeze(1)
         pairs = torch.stack([face_id[order[starts[two]]], face_id[order[starts[two] + 1]]], dim=1)
-        return Topology(edges=e, degree=deg, face_pairs=pairs)
+        return Topology(edges=e, degree=deg, face_pairs=pairs, faces=faces)
 
 
 def laplacian_residual(verts: Tensor, topo: Topology) -> Tensor:
@@ -70,7 +70,7 @@ def normal_residual(verts: Tensor, faces: Tensor, topo: Topology) -> Tensor:
     return n.index_select(0, topo.face_pairs[:, 0]) - n.index_select(0, topo.face_pairs[:, 1])
 
 
-def laplacian_preconditioner(topo: Tensor | Topology, num_verts: int, lam: float, key: str,
+def laplacian_preconditioner(topo: Topology, num_verts: int, lam: float, key: str,
                              dtype: torch.dtype, device: torch.device) -> Callable:
     """Preconditioner factory for the Problem: ``(I + λL)^{-1}`` on the vertex block ``key`` (Nicolet et
     al. 2021, "Large Steps in Inverse Rendering": sparse silhouette gradients get spread smoothly), scaled
@@ -79,12 +79,10 @@ def laplacian_preconditioner(topo: Tensor | Topology, num_verts: int, lam: float
     L = D - A is the combinatorial Laplacian (symmetric PSD), so I + λL is SPD; it is factored once
     (dense Cholesky: meshes here have a few thousand vertices at most).
     """
-    i, j = topo.edges[:, 0], topo.edges[:, 1]
-    A = torch.zeros(num_verts, num_verts, dtype=torch.float64, device=device)
-    A[i, j] = 1.0
-    A[j, i] = 1.0
-    M = torch.diag(1.0 + lam * A.sum(1)) - lam * A
-    chol = torch.linalg.cholesky(M).to(dtype)
+    from diffrender.mesh import laplacian
+
+    lap = laplacian(torch.zeros(num_verts, 3, dtype=torch.float64, device=device), topo.faces).to_dense()
+    chol = torch.linalg.cholesky(torch.eye(num_verts, dtype=torch.float64, device=device) + lam * lap).to(dtype)
 
     def factory(info):
         parts_d = info.layout.split(info.jtj_diag + info.damping)

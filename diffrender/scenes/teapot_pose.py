@@ -19,6 +19,7 @@ from diffrender.scenes.base import (
     Params,
     Scene,
     Stage,
+    add_image_noise,
     cached,
     file_key,
     image_metrics,
@@ -28,13 +29,6 @@ from diffrender.scenes.base import (
     stage_size,
     write_json,
 )
-
-
-def eye_from_spherical(distance: float, elevation_deg: float, azimuth_deg: float) -> list[float]:
-    """PyTorch3D's ``look_at_view_transform`` convention: (d cos e sin a, d sin e, d cos e cos a)."""
-    e, a = math.radians(elevation_deg), math.radians(azimuth_deg)
-    d = distance
-    return [d * math.cos(e) * math.sin(a), d * math.sin(e), d * math.cos(e) * math.cos(a)]
 
 
 def pose_errors(eye, eye_true) -> dict[str, float]:
@@ -48,17 +42,16 @@ def pose_errors(eye, eye_true) -> dict[str, float]:
 def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule: list[float],
           coarse_to_fine: bool, gamma: float, fov_deg: float, target_distance: float,
           target_elevation_deg: float, target_azimuth_deg: float, start_eye: list[float],
-          ctx: BuildContext, coarse_scale: float = 1.0) -> Scene:
+          coarse_scale: float, ctx: BuildContext, image_noise: float = 0.0) -> Scene:
     """Scene with parameters {"eye": (3,)}, one stage per σ of the schedule."""
     from diffrender import render as R
-    from diffrender.camera import camera_from_look_at
+    from diffrender.camera import camera_from_look_at, orbit_eyes
 
     size = int(ctx.opt("image_size", image_size))
     m = load_mesh(ctx, mesh, normalize=False)  # the tutorial's own scale
     verts, faces = m.verts, m.faces
     kw = dict(dtype=ctx.dtype, device=ctx.device)
-    eye_true = eye_from_spherical(target_distance, target_elevation_deg, target_azimuth_deg)
-    eye_true = torch.tensor(eye_true, **kw)
+    eye_true = orbit_eyes(1, target_distance, target_elevation_deg, target_azimuth_deg, **kw)[0]
     sigmas = sigma_stages(sigma, sigma_schedule, coarse_to_fine, ctx)
     final = render_settings(sigmas[-1], gamma, ctx)
 
@@ -79,6 +72,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
                eps=final.eps, margin=final.margin_px)
     targets = cached(ctx, key, lambda: {f"alpha_{i}": render_alpha(eye_true, render_settings(s, gamma, ctx), sz)
                                         .detach() for i, (s, sz) in enumerate(zip(sigmas, sizes, strict=True))})
+    targets = add_image_noise(targets, image_noise)
 
     def stage(i: int, s: float) -> Stage:
         settings = render_settings(s, gamma, ctx)

@@ -67,6 +67,21 @@ class CallbackList:
         return stop
 
 
+class _timed:
+    """A callback that keeps the seconds spent in it, so that ``max_seconds`` limits the solver's own time:
+    logging or metrics in a callback do not use up a solve's time budget."""
+
+    def __init__(self, callback: Callback) -> None:
+        self.callback, self.seconds = callback, 0.0
+
+    def __call__(self, record: IterationRecord, x: dict[str, Tensor], state: SolverState) -> bool | None:
+        t = time.perf_counter()
+        try:
+            return self.callback(record, x, state)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
 def as_callback(callback: Callback | Sequence[Callback] | None) -> Callback | None:
     """``None``, one callable, or a sequence of callables -> one callable (or ``None``)."""
     if callback is None or callable(callback):
@@ -137,6 +152,8 @@ class Solver:
         ``callback(record, x, state)`` (or a list of them, see :class:`CallbackList`) is called after the
         start point and after every iteration; returning True stops the solve."""
         callback = as_callback(callback)
+        if callback is not None:
+            callback = _timed(callback)
         o = self.options
         name = type(self).__name__
         start = time.perf_counter()
@@ -179,7 +196,8 @@ class Solver:
                 if state.iteration >= o.max_iterations:
                     termination, message = "max_iterations", f"reached max_iterations = {o.max_iterations}"
                     break
-                if o.max_seconds is not None and time.perf_counter() - start >= o.max_seconds:
+                own = time.perf_counter() - start - (callback.seconds if callback is not None else 0.0)
+                if o.max_seconds is not None and own >= o.max_seconds:
                     termination, message = "time_limit", f"reached max_seconds = {o.max_seconds}"
                     break
                 t_iter = time.perf_counter()

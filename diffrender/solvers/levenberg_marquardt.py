@@ -30,9 +30,9 @@ class LevenbergMarquardt(SecondOrderSolver):
 
     def make_descent(self) -> DampedGaussNewton:
         o = self.options
-        if o.damping_scaling == "identity":
-            return DampedGaussNewton(IdentityScaling())
-        return DampedGaussNewton(DiagonalScaling(o.min_diagonal, o.max_diagonal, o.monotone_diagonal))
+        scaling = IdentityScaling() if o.damping_scaling == "identity" else \
+            DiagonalScaling(o.min_diagonal, o.max_diagonal, o.monotone_diagonal)
+        return DampedGaussNewton(scaling, geodesic_alpha=o.geodesic_acceleration)
 
     def validate_options(self) -> None:
         super().validate_options()

@@ -20,7 +20,7 @@ class SolverOptions:
     function_tolerance: float = 1e-6  # stop when |cost_change| / cost <= this
     gradient_tolerance: float = 1e-10  # stop when max|gradient| <= this
     parameter_tolerance: float = 1e-8  # stop when |step| <= this * (|x| + this)
-    max_seconds: float | None = None  # wall-clock limit for one solve() call
+    max_seconds: float | None = None  # limit on one solve() call's own seconds (time in callbacks excluded)
     verbose: bool = False  # print each iteration record
 
 
@@ -28,6 +28,7 @@ class SolverOptions:
 class SecondOrderOptions(SolverOptions):
     """Options of the linearize-then-step solvers (searches and descents read theirs from here too)."""
 
+    gradient_tolerance: float = 1e-12  # see gradient_test: relative to max|g(x0)| by default
     linear_solver: str = "auto"  # "dense" (Cholesky on the assembled J^T J), "cg" (matrix-free PCG), "auto"
     dense_threshold: int = 64  # "auto" picks dense when n <= this; exact diag(J^T J) from columns too
     max_cg_iterations: int = 100
@@ -42,7 +43,8 @@ class SecondOrderOptions(SolverOptions):
     # "relative" (default): max|g| <= gradient_tolerance * max|g(x0)|, which does not depend on the scale of
     # the residuals (an absolute test stops a problem whose optimum sits at a tiny cost while the cost
     # still falls 14 % per iteration) and does no worse than "max_norm" on MGH 1-19 (same problems solved,
-    # median residual evaluations 19 / 20 with the dense / CG path against 19 / 22);
+    # median residual evaluations 19 / 22 with the dense / CG path against 19 / 22 at tolerance 1e-12; at
+    # 1e-10 it stopped Brown badly scaled at f = 2e-10 on one path);
     # "max_norm": max|g| <= gradient_tolerance (Ceres); "cosine": MINPACK's scale-invariant test, the
     # largest |cos| of the angle between the residual and a Jacobian column, max_j |g_j| / (||J_j|| ||r||),
     # which never fires on zero-residual problems (median 25 / 26 evaluations on MGH)
@@ -83,6 +85,10 @@ class LevenbergMarquardtOptions(SecondOrderOptions):
     # tau * max diag initial damping (initial_damping is tau): the diagonal is needed once, and directions
     # no residual sees stay damped
     damping_scaling: str = "jacobi"
+    # geodesic acceleration (Transtrum & Sethna 2012): add half the second-order correction of the step from
+    # one more residual evaluation at x + h v and one more linear solve, used when it is less than this
+    # fraction of the step (2 |D a| / |D v| <= alpha; Transtrum & Sethna's 0.75). 0: off
+    geodesic_acceleration: float = 0.0
 
 
 @dataclass

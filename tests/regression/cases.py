@@ -91,7 +91,7 @@ def teapot():
     root = HERE.parents[1]
     scene = build(name="teapot_pose", mesh="assets/teapot.obj", image_size=24, sigma=1e-3, sigma_schedule=[],
                   coarse_to_fine=False, gamma=1e-4, fov_deg=60.0, target_distance=3.0, target_elevation_deg=50.0,
-                  target_azimuth_deg=0.0, start_eye=[2.0, 3.5, 2.6],
+                  target_azimuth_deg=0.0, start_eye=[2.0, 3.5, 2.6], coarse_scale=1.0,
                   ctx=BuildContext(dtype=D, root=root, renderer={"cull_backfaces": False}))
     stage = scene.stages[0]
     return stage.make_problem(scene.x0), {k: scene.x0[k] for k in stage.keys}
