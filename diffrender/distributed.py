@@ -19,7 +19,7 @@ __all__ = ["env_rank", "env_world_size", "env_local_rank", "is_initialized", "in
            "fit_group", "shutdown"]
 
 T = TypeVar("T")
-SETUP_TIMEOUT_S = 300.0  # joining the group and agreeing on the run directory (before the config is known)
+SETUP_TIMEOUT_S = 1800.0  # joining the group, agreeing on the run directory and on rank 0's start checks
 
 
 def env_world_size() -> int:
