@@ -89,3 +89,15 @@ def test_gauss_newton_reaches_the_true_texture_in_two_iterations(one_thread):
     untouched = sc.ground_truth["footprint"] == 0
     assert int(untouched.sum()) > 0
     assert bool((result.x["texture"][untouched] == 0.5).all())
+
+
+def test_bad_inputs_name_the_problem():
+    from diffrender.config import UserError
+
+    kw = dict(name="texture", image_size=8, sigma=1e-5, sigma_schedule=[], coarse_to_fine=False, gamma=1e-4,
+              fov_deg=60.0, views=1, distance=2.5, elevations_deg=[0.0], start_value=0.5, w_smooth=0.0,
+              seen_threshold=0.01, ctx=BuildContext(root=ROOT))
+    with pytest.raises(UserError, match="teapot.obj needs UVs and a texture"):
+        build(mesh="assets/teapot.obj", texture_size=8, **kw)
+    with pytest.raises(UserError, match="texture_size must be at least 2"):
+        build(mesh="assets/spot.obj", texture_size=1, **kw)

@@ -6,8 +6,13 @@ cameras and lights are fixed, so the pixel–face pairs are found once at build 
 same pairs at every point) and the rendered color is affine in the texels: bilinear lookup, the SoftRas
 blend, Lambert shading and compositing over the background are each linear in the albedo. The problem is
 linear least squares: one Gauss-Newton step with an accurate linear solve reaches the optimum.
-"""
 
+The smoothness block couples only texels that some pixel depends on (nonzero Jacobian column); the others
+keep their start value, since filling the empty parts of the atlas by diffusion would cost many CG
+iterations and change no pixel. A small weight (default 1e-3) matters: 256² texels seen by ~20,000 pixels
+are underdetermined, and without it the weakly seen texels wander (texel RMSE ~1 at 90 dB PSNR) and the
+cost falls towards 0 without the relative function test ever stopping Gauss-Newton or LM.
+"""
 from __future__ import annotations
 
 from pathlib import Path
