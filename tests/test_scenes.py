@@ -119,52 +119,6 @@ def test_metrics_on_known_values():
     assert stage_size(48, 2 / 3) == 32 and stage_size(48, 0.1) == 16 and stage_size(8, 0.5) == 8
 
 
-def test_cameras_json_both_forms_agree_and_errors_name_the_field(tmp_path):
-    eye = [0.5, 1.0, 2.5]
-    z = -np.asarray(eye) / np.linalg.norm(eye)
-    x = np.cross(z, [0, 1, 0])
-    x /= np.linalg.norm(x)
-    R = np.stack([x, np.cross(z, x), z])
-    t = -R @ np.asarray(eye)
-    base = {"width": 8, "height": 6, "fx": 10, "fy": 11, "cx": 4, "cy": 3}
-    views = [{"file": "a.png", **base, "R": R.tolist(), "t": t.tolist()}, {"file": "b.png", **base, "eye": eye}]
-    (tmp_path / "cameras.json").write_text(json.dumps({"views": views}))
-    cam, files, mesh = load_cameras_json(tmp_path / "cameras.json", dtype=torch.float64)
-    torch.testing.assert_close(cam.R[0], cam.R[1])
-    torch.testing.assert_close(cam.t[0], cam.t[1])
-    assert (cam.height, cam.width) == (6, 8) and files[1] == tmp_path / "b.png" and mesh is None
-    torch.testing.assert_close(cam.focal[0], torch.tensor([10.0, 11.0], dtype=torch.float64))
-    views[1]["fx"] = "ten"
-    (tmp_path / "cameras.json").write_text(json.dumps({"views": views}))
-    with pytest.raises(UserError, match=r"views\[1\]: field 'fx'"):
-        load_cameras_json(tmp_path / "cameras.json")
-    views[1]["fx"] = 10
-    views[0]["R"] = (2 * R).tolist()
-    (tmp_path / "cameras.json").write_text(json.dumps({"views": views}))
-    with pytest.raises(UserError, match="not a rotation"):
-        load_cameras_json(tmp_path / "cameras.json")
-
-
-def test_image_set_reads_alpha_and_checks_sizes(tmp_path):
-    img = np.zeros((6, 8, 4), np.float32)
-    img[2:4, 3:6] = [1.0, 0.5, 0.25, 1.0]
-    write_png(tmp_path / "a.png", img)
-    back = read_image(tmp_path / "a.png")
-    assert back.shape == (6, 8, 4) and np.abs(back - img).max() <= 0.5 / 255 + 1e-6
-    v = {"file": "a.png", "width": 8, "height": 6, "fx": 10, "fy": 10, "cx": 4, "cy": 3, "eye": [0, 0, 3]}
-    (tmp_path / "cameras.json").write_text(json.dumps({"views": [v]}))
-    s = load_image_set(tmp_path / "cameras.json")
-    assert s.alpha is not None and float(s.alpha.sum()) == 6.0 and s.rgb.shape == (1, 6, 8, 3)
-    v["width"] = 9
-    (tmp_path / "cameras.json").write_text(json.dumps({"views": [v]}))
-    with pytest.raises(UserError, match="a.png is 8x6"):
-        load_image_set(tmp_path / "cameras.json")
-    (tmp_path / "bad.png").write_bytes(b"nope")
-    with pytest.raises(UserError, match="cannot read image"):
-        read_image(tmp_path / "bad.png")
-    assert math.isfinite(float(s.rgb.sum()))
-
-
 def _lights_albedo(size: int, views: int, specular: float = 0.0):
     from pathlib import Path
 
@@ -221,3 +175,50 @@ def test_lm_recovers_the_light_of_lights_albedo(lights_albedo, one_thread):
     # intensity, ambient and albedo up to the diffuse scale, which the gauge block pins to ambient + I = 1
     assert m["intensity_err"] < 1e-3 and m["ambient_err"] < 1e-3 and m["albedo_rmse"] < 1e-3
     assert abs(float(result.x["ambient"] + result.x["intensity"]) - 1.0) < 1e-4
+
+
+def test_cameras_json_both_forms_agree_and_errors_name_the_field(tmp_path):
+    eye = [0.5, 1.0, 2.5]
+    z = -np.asarray(eye) / np.linalg.norm(eye)
+    x = np.cross(z, [0, 1, 0])
+    x /= np.linalg.norm(x)
+    R = np.stack([x, np.cross(z, x), z])
+    t = -R @ np.asarray(eye)
+    base = {"width": 8, "height": 6, "fx": 10, "fy": 11, "cx": 4, "cy": 3}
+    views = [{"file": "a.png", **base, "R": R.tolist(), "t": t.tolist()}, {"file": "b.png", **base, "eye": eye}]
+    (tmp_path / "cameras.json").write_text(json.dumps({"views": views}))
+    cam, files, mesh = load_cameras_json(tmp_path / "cameras.json", dtype=torch.float64)
+    torch.testing.assert_close(cam.R[0], cam.R[1])
+    torch.testing.assert_close(cam.t[0], cam.t[1])
+    assert (cam.height, cam.width) == (6, 8) and files[1] == tmp_path / "b.png" and mesh is None
+    torch.testing.assert_close(cam.focal[0], torch.tensor([10.0, 11.0], dtype=torch.float64))
+    views[1]["fx"] = "ten"
+    (tmp_path / "cameras.json").write_text(json.dumps({"views": views}))
+    with pytest.raises(UserError, match=r"views\[1\]: field 'fx'"):
+        load_cameras_json(tmp_path / "cameras.json")
+    views[1]["fx"] = 10
+    views[0]["R"] = (2 * R).tolist()
+    (tmp_path / "cameras.json").write_text(json.dumps({"views": views}))
+    with pytest.raises(UserError, match="not a rotation"):
+        load_cameras_json(tmp_path / "cameras.json")
+
+
+def test_image_set_reads_alpha_and_checks_sizes(tmp_path):
+    img = np.zeros((6, 8, 4), np.float32)
+    img[2:4, 3:6] = [1.0, 0.5, 0.25, 1.0]
+    write_png(tmp_path / "a.png", img)
+    back = read_image(tmp_path / "a.png")
+    assert back.shape == (6, 8, 4) and np.abs(back - img).max() <= 0.5 / 255 + 1e-6
+    v = {"file": "a.png", "width": 8, "height": 6, "fx": 10, "fy": 10, "cx": 4, "cy": 3, "eye": [0, 0, 3]}
+    (tmp_path / "cameras.json").write_text(json.dumps({"views": [v]}))
+    s = load_image_set(tmp_path / "cameras.json")
+    assert s.alpha is not None and float(s.alpha.sum()) == 6.0 and s.rgb.shape == (1, 6, 8, 3)
+    v["width"] = 9
+    (tmp_path / "cameras.json").write_text(json.dumps({"views": [v]}))
+    with pytest.raises(UserError, match="a.png is 8x6"):
+        load_image_set(tmp_path / "cameras.json")
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(UserError, match="cannot read image"):
+        read_image(tmp_path / "bad.png")
+    assert math.isfinite(float(s.rgb.sum()))
+
