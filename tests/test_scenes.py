@@ -221,4 +221,3 @@ def test_image_set_reads_alpha_and_checks_sizes(tmp_path):
     with pytest.raises(UserError, match="cannot read image"):
         read_image(tmp_path / "bad.png")
     assert math.isfinite(float(s.rgb.sum()))
-
