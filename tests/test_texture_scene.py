@@ -57,6 +57,31 @@ def test_jacobian_products_are_adjoint_and_match_central_differences(scene, one_
     torch.testing.assert_close(whitened(problem, x2, ctx), whitened(problem, x, ctx) + ju, rtol=1e-9, atol=1e-9)
 
 
+def test_preconditioner_majorizes_the_gauss_newton_matrix(one_thread):
+    """M = diag(J_c^T J_c 1) + 2 w diag(deg) >= J^T J (Erdogan & Fessler's separable majorizer), against a
+    dense J assembled here column by column (the residual is affine: r(e_j) - r(0) is column j)."""
+    from diffrender.problem import PreconditionerInfo
+
+    sc = tiny(texture_size=8, image_size=16)
+    problem = sc.stages[0].make_problem(sc.x0)
+    x0 = {"texture": torch.zeros_like(sc.x0["texture"])}
+    ctx = problem.prepare_context(x0)
+    base = whitened(problem, x0, ctx)
+    n = x0["texture"].numel()
+    cols = [whitened(problem, {"texture": torch.eye(n, dtype=torch.float64)[j].reshape(x0["texture"].shape)},
+                     ctx) - base for j in range(n)]
+    jtj = (lambda j: j.T @ j)(torch.stack(cols, 1))
+    zeros = torch.zeros(n, dtype=torch.float64)
+    apply = problem.make_preconditioner(PreconditionerInfo(x0, ctx, problem.layout(x0), zeros, zeros))
+    m = 1 / apply(torch.ones(n, dtype=torch.float64))
+    live = jtj.diagonal() > 0  # texels some pixel depends on (the others: identity)
+    assert 0 < int(live.sum()) < n
+    assert bool((jtj.diagonal()[live] <= m[live] * (1 + 1e-9)).all())
+    s = m[live].rsqrt()
+    eig = torch.linalg.eigvalsh(s[:, None] * jtj[live][:, live] * s[None, :])
+    assert float(eig.max()) <= 1 + 1e-9 and float(eig.max()) > 0.5  # M >= J^T J, and not by a wide margin
+
+
 def test_smoothness_block_and_resampling_against_direct_formulas():
     t = torch.arange(3 * 4 * 2, dtype=torch.float64).reshape(3, 4, 2) ** 1.5
     d = texel_differences(t)

@@ -54,6 +54,18 @@ def texel_differences(texture: Tensor, mask: Tensor | None = None) -> Tensor:
     return torch.cat([dr.reshape(-1), dc.reshape(-1)])
 
 
+def difference_degree(mask: Tensor) -> Tensor:
+    """(T, T): how many of the differences kept by ``texel_differences(·, mask)`` involve each texel (the
+    diagonal of the graph Laplacian ``DᵀD`` of those differences)."""
+    rows, cols = (mask[1:] & mask[:-1]).long(), (mask[:, 1:] & mask[:, :-1]).long()
+    deg = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
+    deg[1:] += rows
+    deg[:-1] += rows
+    deg[:, 1:] += cols
+    deg[:, :-1] += cols
+    return deg
+
+
 def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule: list[float],
           coarse_to_fine: bool, gamma: float, fov_deg: float, texture_size: int, views: int, distance: float,
           elevations_deg: list[float], start_value: float, w_smooth: float, seen_threshold: float,
@@ -101,6 +113,25 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     touched = footprint > 0  # (T, T): texels with a nonzero Jacobian column
     seen = footprint >= float(seen_threshold)  # (T, T): texels the images determine (metrics)
 
+    # The CG preconditioner: a separable majorizer of JᵀJ (Erdoğan & Fessler 1999, "Ordered subsets algorithms
+    # for transmission tomography"). The color block's entries are all ≥ 0, so diag(J_cᵀ J_c 1) − J_cᵀ J_c is a
+    # graph Laplacian (PSD), and 2 w diag(deg) − w DᵀD is a signless one: M = diag(J_cᵀ (J_c 1)) + 2 w diag(deg)
+    # satisfies M ⪰ JᵀJ. J is constant (the color is affine), J_c 1 = rgb(1) − rgb(0): one VJP, once, instead
+    # of a noisy Hutchinson diagonal at every point (4 probes left LM at 23 dB).
+    with torch.no_grad():
+        rgb0 = render(torch.zeros_like(gt))["rgb"]
+    ones = torch.ones_like(gt, requires_grad=True)
+    with torch.enable_grad():
+        rgb1 = render(ones)["rgb"]
+        (jtj1,) = torch.autograd.grad(rgb1, ones, grad_outputs=rgb1.detach() - rgb0)
+    w = max(float(w_smooth), 0.0)
+    majorizer = (jtj1.detach() + 2 * w * difference_degree(touched).unsqueeze(-1).to(gt.dtype)).reshape(-1)
+
+    def preconditioner(info):
+        denom = majorizer + info.damping
+        inv = torch.where(denom > 0, 1 / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.ones_like(denom))
+        return lambda v: inv * v
+
     def make_problem(x: Params):
         from diffrender.problem import Problem
 
@@ -113,7 +144,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
             return out
 
         weights = {"smoothness": float(w_smooth)} if w_smooth > 0 else {}
-        return Problem(residuals, prepare=lambda p: pairs, weights=weights)
+        return Problem(residuals, prepare=lambda p: pairs, weights=weights, preconditioner=preconditioner)
 
     x0 = {"texture": torch.full_like(gt, float(start_value))}
 
