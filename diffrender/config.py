@@ -140,7 +140,7 @@ class LightsAlbedoConfig(SceneConfig):
     start_intensity: float = 0.5
     start_ambient: float = 0.5
     start_albedo: float = 0.5
-    albedo_degree: int = 3  # albedo: a polynomial of the vertex position up to this degree (pins the light)
+    albedo_degree: int = 2  # albedo: a polynomial of the vertex position up to this degree (pins the light)
     specular: float = 0.0  # known Blinn-Phong k_s; > 0 also fixes the albedo/light scale (else a gauge, pinned)
     shininess: float = 16.0
 

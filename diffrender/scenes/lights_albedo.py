@@ -95,8 +95,12 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     with torch.no_grad():
         pairs = R.prepare(verts, faces, cam, settings)  # geometry and cameras are fixed: pairs never change
 
+    def length(v: Tensor) -> Tensor:
+        # (1,), not 0-d: torch 2.13's forward mode gives `0-d tensor + python float` a float64 tangent
+        return torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-12)
+
     def lights(p: Params) -> Lights:
-        d = p["light_dir"] / torch.sqrt((p["light_dir"] ** 2).sum() + 1e-12)
+        d = p["light_dir"] / length(p["light_dir"])
         ones = torch.ones(3, **kw)
         return Lights(ambient=p["ambient"] * ones, directional_dirs=d[None],
                       directional_colors=(p["intensity"] * ones)[None],
@@ -126,7 +130,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
         def residuals(p, _):
             # gauge: |light_dir| = 1 and, without a specular term, ambient + intensity = its start value;
             # each symmetry orbit meets these once, so the image fit is unchanged
-            gauge = torch.sqrt((p["light_dir"] ** 2).sum() + 1e-12)[None] - 1.0
+            gauge = length(p["light_dir"]) - 1.0
             if not scale_known:
                 gauge = torch.cat([gauge, p["ambient"] + p["intensity"] - gauge_sum])
             return {"color": rgb(p)["rgb"] - target["rgb"], "gauge": gauge}
