@@ -149,6 +149,8 @@ class ShapeConfig(PyramidConfig):
 
 @dataclass
 class LightsAlbedoConfig(SceneConfig):
+    """A directional light, ambient level and smooth albedo from shaded views of a known mesh."""
+
     _target_: str = "diffrender.scenes.lights_albedo.build"
     name: str = "lights_albedo"
     mesh: str = "assets/spot.obj"
@@ -162,7 +164,28 @@ class LightsAlbedoConfig(SceneConfig):
     start_intensity: float = 0.5
     start_ambient: float = 0.5
     start_albedo: float = 0.5
-    w_smooth: float = 0.01  # weight of the albedo Laplacian (fills in vertices no view sees)
+    albedo_degree: int = 2  # albedo: a polynomial of the vertex position up to this degree (pins the light)
+    specular: float = 0.0  # known Blinn-Phong k_s; > 0 also fixes the albedo/light scale (else a gauge, pinned)
+    shininess: float = 16.0
+
+
+@dataclass
+class TextureConfig(SceneConfig):
+    """A UV texture from shaded views of a known mesh under known lights. Geometry is fixed, so one σ (no
+    coarse-to-fine) and a small one: silhouettes crisp, the color at each pixel from the faces it shows."""
+
+    _target_: str = "diffrender.scenes.texture.build"
+    name: str = "texture"
+    mesh: str = "assets/spot.obj"  # needs UVs and <name>_texture.png (the ground truth) next to it
+    sigma: float = 1e-5
+    coarse_to_fine: bool = False
+    texture_size: int = 256  # T: the fitted texture is (T, T, 3); ground truth = the PNG area-averaged to T²
+    views: int = 8
+    distance: float = 2.5
+    elevations_deg: list[float] = field(default_factory=lambda: [-20.0, 25.0])
+    start_value: float = 0.5  # flat gray start
+    w_smooth: float = 1e-3  # weight of the texel finite-difference block (0: off)
+    seen_threshold: float = 0.01  # a texel is "seen" when it gives at least this many pixels' worth of color
 
 
 @dataclass
@@ -355,6 +378,7 @@ def register_configs() -> None:
     cs.store(group="schema/scene", name="teapot_pose", node=TeapotPoseConfig)
     cs.store(group="schema/scene", name="shape", node=ShapeConfig)
     cs.store(group="schema/scene", name="lights_albedo", node=LightsAlbedoConfig)
+    cs.store(group="schema/scene", name="texture", node=TextureConfig)
     cs.store(group="schema/scene", name="images", node=ImagesConfig)
     for name, (target, options) in SOLVER_OPTIONS.items():
         cs.store(group="schema/solver", name=name, node=solver_schema(target, options))

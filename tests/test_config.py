@@ -17,7 +17,7 @@ from diffrender.solvers import Adam, Dogleg, GaussNewton, LevenbergMarquardt, Ne
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
-SCENES = ["teapot_pose", "cow_shape", "bunny_silhouette", "lights_albedo", "images"]
+SCENES = ["teapot_pose", "cow_shape", "bunny_silhouette", "lights_albedo", "texture", "images"]
 SOLVERS = {"lm": LevenbergMarquardt, "gn": GaussNewton, "dogleg": Dogleg, "newton_cg": NewtonCG, "adam": Adam}
 # tiny sizes so that building every scene (rendering its targets) stays fast
 TINY = {
@@ -25,6 +25,7 @@ TINY = {
     "cow_shape": ["renderer.image_size=16", "scene.views=2", "scene.sphere_level=1"],
     "bunny_silhouette": ["renderer.image_size=16", "scene.views=2", "scene.sphere_level=1"],
     "lights_albedo": ["renderer.image_size=16", "scene.views=2"],
+    "texture": ["renderer.image_size=16", "scene.views=2", "scene.texture_size=16"],
     "images": [],  # the shipped example: 4 views of 64x64
 }
 

@@ -1,11 +1,20 @@
-"""``lights_albedo``: known mesh and cameras; recover one directional light (direction, intensity), the
-ambient level and per-vertex albedo from shaded images.
+"""``lights_albedo``: known mesh, cameras and material; recover one directional light (direction,
+intensity), the ambient level and a smooth albedo from shaded images.
 
 Parameters: ``light_dir`` (3,) (normalized inside the model, so only its direction matters),
-``intensity`` (1,), ``ambient`` (1,), ``albedo`` (V, 3). Residual: rendered rgb − target rgb.
-Lambertian shading ``albedo · (ambient + intensity · max(0, n·l))`` is invariant under
-``albedo → s·albedo, (ambient, intensity) → (ambient, intensity)/s``: the metrics compare after the best
-such ``s`` (least squares on the albedo), and the solver sees the gauge direction as a flat valley.
+``intensity`` (1,), ``ambient`` (1,), ``albedo`` (K, 3): the coefficients of the per-vertex albedo
+``Φ @ albedo`` in a basis ``Φ`` (V, K) of polynomials of the vertex position up to ``albedo_degree``
+(orthonormalized over the vertices). Residual: rendered rgb − target rgb. The ground-truth albedo is the
+mesh texture sampled at the vertices and projected onto that basis, so the true parameters fit exactly.
+
+Why low-dimensional: Lambertian shading ``albedo · (ambient + I max(0, n·l))`` with a free albedo per
+vertex does not identify the light, since each vertex's albedo absorbs its own shading. A smooth albedo
+cannot: the shading follows the normals, which turn quickly at the ears, legs and snout, so a wrong light
+leaves a pattern that no low-degree polynomial reproduces. What remains is the scale
+``albedo → s·albedo, (ambient, I) → (ambient, I)/s``, a true symmetry of diffuse shading: it is pinned by
+a residual ``ambient + I = const`` and the metrics compare after the best ``s``. A known Blinn-Phong
+specular term (``specular > 0``) fixes that scale from the images instead (a highlight's brightness
+``k_s I`` does not scale with the albedo); the pin is then dropped and the metrics compare as fitted.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import math
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from diffrender.scenes.base import (
     BuildContext,
@@ -27,7 +37,6 @@ from diffrender.scenes.base import (
     render_settings,
     write_json,
 )
-from diffrender.scenes.regularizers import Topology, laplacian_residual
 
 
 def vertex_albedo_from_texture(mesh) -> torch.Tensor:
@@ -45,16 +54,32 @@ def vertex_albedo_from_texture(mesh) -> torch.Tensor:
     return mesh.texture[row, col, :3].to(v.dtype)
 
 
+def polynomial_basis(points: Tensor, degree: int) -> Tensor:
+    """Φ (V, K): the monomials ``x^a y^b z^c`` (a + b + c ≤ degree, K = C(degree + 3, 3)) of ``points``
+    (V, 3), orthogonalized over the points (QR in float64) and scaled so that ``Φᵀ Φ = V I``: coefficients
+    are then of the order of the values, and column 0 is the constant 1."""
+    p = points.detach().double()
+    cols = [p[:, 0] ** a * p[:, 1] ** b * p[:, 2] ** c
+            for total in range(degree + 1) for a in range(total + 1) for b in range(total - a + 1)
+            for c in [total - a - b]]
+    q, r = torch.linalg.qr(torch.stack(cols, 1))
+    q = q * torch.sign(torch.diagonal(r))  # column 0 positive
+    return (q * math.sqrt(p.shape[0])).to(points.dtype)
+
+
 def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule: list[float],
           coarse_to_fine: bool, gamma: float, fov_deg: float, views: int, distance: float, elevation_deg: float,
           light_dir: list[float], light_intensity: float, ambient: float, start_light_dir: list[float],
-          start_intensity: float, start_ambient: float, start_albedo: float, ctx: BuildContext,
-          w_smooth: float = 0.01) -> Scene:
+          start_intensity: float, start_ambient: float, start_albedo: float, albedo_degree: int,
+          specular: float, shininess: float, ctx: BuildContext) -> Scene:
     from diffrender import render as R
     from diffrender.camera import camera_from_look_at, orbit_eyes
+    from diffrender.config import UserError
     from diffrender.mesh import Mesh, save_obj
-    from diffrender.raster.shading import Lights
+    from diffrender.raster.shading import Lights, Material
 
+    if albedo_degree < 0:
+        raise UserError(f"scene.albedo_degree must be >= 0, got {albedo_degree}")
     size = int(ctx.opt("image_size", image_size))
     kw = dict(dtype=ctx.dtype, device=ctx.device)
     m = load_mesh(ctx, mesh, normalize=True)
@@ -62,26 +87,33 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     eyes = orbit_eyes(int(views), float(distance), float(elevation_deg), azimuth_start_deg=15.0, **kw)
     cam = camera_from_look_at(eyes, fov_deg=fov_deg, height=size, width=size)
     settings = render_settings(float(ctx.opt("sigma", sigma)), gamma, ctx)
+    material = Material(specular=float(specular), shininess=float(shininess))
+    basis = polynomial_basis(verts, int(albedo_degree))  # (V, K)
     gt = {"light_dir": torch.tensor(light_dir, **kw), "intensity": torch.tensor([light_intensity], **kw),
-          "ambient": torch.tensor([ambient], **kw), "albedo": vertex_albedo_from_texture(m)}
-    topo = Topology.of(faces, verts.shape[0])
+          "ambient": torch.tensor([ambient], **kw),
+          "albedo": basis.T @ vertex_albedo_from_texture(m) / verts.shape[0]}  # least-squares projection
     with torch.no_grad():
         pairs = R.prepare(verts, faces, cam, settings)  # geometry and cameras are fixed: pairs never change
 
+    def length(v: Tensor) -> Tensor:
+        # (1,), not 0-d: torch 2.13's forward mode gives `0-d tensor + python float` a float64 tangent
+        return torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-12)
+
     def lights(p: Params) -> Lights:
-        d = p["light_dir"] / torch.sqrt((p["light_dir"] ** 2).sum() + 1e-12)
+        d = p["light_dir"] / length(p["light_dir"])
         ones = torch.ones(3, **kw)
         return Lights(ambient=p["ambient"] * ones, directional_dirs=d[None],
                       directional_colors=(p["intensity"] * ones)[None],
                       point_positions=torch.zeros(0, 3, **kw), point_colors=torch.zeros(0, 3, **kw))
 
     def rgb(p: Params):
-        return R.render(verts, faces, cam, pairs, settings, colors=p["albedo"], lights=lights(p),
-                        outputs=("alpha", "rgb"))
+        return R.render(verts, faces, cam, pairs, settings, colors=basis @ p["albedo"], lights=lights(p),
+                        material=material, outputs=("alpha", "rgb"))
 
     key = dict(scene=name, mesh=file_key(ctx.asset(mesh)), size=size, sigma=settings.sigma, gamma=settings.gamma,
                views=views, distance=distance, elev=elevation_deg, fov=fov_deg, light=light_dir,
-               intensity=light_intensity, ambient=ambient, dtype=str(ctx.dtype))
+               intensity=light_intensity, ambient=ambient, degree=albedo_degree, specular=material.specular,
+               shininess=material.shininess, dtype=str(ctx.dtype))
 
     def make():
         with torch.no_grad():
@@ -89,40 +121,43 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
         return {"rgb": out["rgb"], "alpha": out["alpha"]}
 
     target = cached(ctx, key, make)
+    gauge_sum = float(start_ambient + start_intensity)
+    scale_known = material.specular > 0  # the highlights' brightness fixes the albedo/light scale
 
     def make_problem(x: Params):
         from diffrender.problem import Problem
 
         def residuals(p, _):
-            # gauge: pin ambient + intensity to its start value and |light_dir| to 1; each symmetry orbit
-            # meets these once, so the image fit is unchanged and the scale-invariant metrics are unbiased
-            gauge = torch.stack([(p["ambient"] + p["intensity"])[0] - gauge_sum,
-                                 torch.sqrt((p["light_dir"] ** 2).sum() + 1e-12) - 1.0])
-            # a weak uniform-Laplacian smoothness on the albedo fills in vertices no camera sees
-            return {"color": rgb(p)["rgb"] - target["rgb"], "gauge": gauge,
-                    "albedo_smooth": laplacian_residual(p["albedo"], topo)}
+            # gauge: |light_dir| = 1 and, without a specular term, ambient + intensity = its start value;
+            # each symmetry orbit meets these once, so the image fit is unchanged
+            gauge = length(p["light_dir"]) - 1.0
+            if not scale_known:
+                gauge = torch.cat([gauge, p["ambient"] + p["intensity"] - gauge_sum])
+            return {"color": rgb(p)["rgb"] - target["rgb"], "gauge": gauge}
 
-        return Problem(residuals, weights={"gauge": 100.0, "albedo_smooth": w_smooth})
+        return Problem(residuals, weights={"gauge": 100.0})
 
     x0 = {"light_dir": torch.tensor(start_light_dir, **kw), "intensity": torch.tensor([start_intensity], **kw),
-          "ambient": torch.tensor([start_ambient], **kw), "albedo": torch.full_like(verts, start_albedo)}
-
-    gauge_sum = float(start_ambient + start_intensity)
+          "ambient": torch.tensor([start_ambient], **kw),
+          "albedo": basis.T @ torch.full_like(verts, start_albedo) / verts.shape[0]}  # constant albedo
 
     def render_fn(x: Params):
         with torch.no_grad():
-            out = rgb(x)
-        return {"alpha": out["alpha"], "rgb": out["rgb"].clamp(0, 1)}
+            out = rgb(x)  # not clamped: highlights may exceed 1 in the targets too (PNGs clip)
+        return {"alpha": out["alpha"], "rgb": out["rgb"]}
 
     def errors(x: Params) -> dict[str, float]:
-        a, ag = x["albedo"].detach().double(), gt["albedo"].double()
-        s = float((a * ag).sum() / (a * a).sum().clamp_min(1e-30))  # s·albedo ≈ gt: the gauge
+        a, ag = (basis @ x["albedo"].detach()).double(), (basis @ gt["albedo"]).double()
+        s = float((a * ag).sum() / (a * a).sum().clamp_min(1e-30))  # s·albedo ≈ gt: the scale found
+        gauge_scale = s
+        if scale_known:
+            s = 1.0  # the images determine the scale: compare as fitted
         d, dg = x["light_dir"].double(), gt["light_dir"].double()
         cos = float((d @ dg) / (d.norm() * dg.norm()).clamp_min(1e-30))
         return {"light_dir_err_deg": math.degrees(math.acos(max(-1.0, min(1.0, cos)))),
                 "intensity_err": abs(float(x["intensity"]) / s - light_intensity),
                 "ambient_err": abs(float(x["ambient"]) / s - ambient),
-                "albedo_rmse": float(((s * a - ag) ** 2).mean().sqrt()), "gauge_scale": s}
+                "albedo_rmse": float(((s * a - ag) ** 2).mean().sqrt()), "gauge_scale": gauge_scale}
 
     def metrics_fn(x: Params, images):
         return {**image_metrics(images, target), **errors(x)}
@@ -131,9 +166,10 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
         d = x["light_dir"] / x["light_dir"].norm()
         write_json(out / "lights.json", {"light_dir": d, "intensity": x["intensity"], "ambient": x["ambient"],
                                          "true": {k: v for k, v in gt.items() if k != "albedo"}, **errors(x)})
-        save_obj(out / "albedo.obj", Mesh(verts=verts, faces=faces, colors=x["albedo"].detach().clamp(0, 1)))
+        colors = (basis @ x["albedo"]).detach().clamp(0, 1)
+        save_obj(out / "albedo.obj", Mesh(verts=verts, faces=faces, colors=colors))
         return ["lights.json", "albedo.obj"]
 
     return Scene(name=name, x0=x0, stages=[Stage("lights+albedo", list(x0), make_problem)],
                  target={"rgb": target["rgb"], "alpha": target["alpha"]}, render_fn=render_fn,
-                 metrics_fn=metrics_fn, save_fn=save_fn, ground_truth=gt)
+                 metrics_fn=metrics_fn, save_fn=save_fn, ground_truth={**gt, "albedo_basis": basis})
