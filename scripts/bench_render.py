@@ -41,11 +41,11 @@ MESHES = {
 }
 
 
-def peak_in_subprocess(mesh: str, size: int, views: int, mode: str, threads: int) -> float:
+def peak_in_subprocess(mesh: str, size: int, views: int, mode: str, cull: str, threads: int) -> float:
     """CPU peak memory of one row, measured in a fresh process (see the module docstring)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [sys.executable, __file__, "--peak-only", "--mesh", mesh, "--size", str(size), "--views", str(views),
-           "--mode", mode, "--device", "cpu", "--threads", str(threads)]
+           "--mode", mode, "--cull", cull, "--device", "cpu", "--threads", str(threads)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     try:
         return float(out.stdout.strip().splitlines()[-1])
@@ -53,14 +53,14 @@ def peak_in_subprocess(mesh: str, size: int, views: int, mode: str, threads: int
         return float("nan")
 
 
-def setup(mesh: Mesh, size: int, views: int, mode: str, device: torch.device):
+def setup(mesh: Mesh, size: int, views: int, mode: str, device: torch.device, cull: str = "on"):
     """The scene of one row and its differentiable function f(verts, colors) -> image."""
     dtype = torch.float32
     verts = mesh.verts.to(device, dtype)
     faces = mesh.faces.to(device)
     eyes = orbit_eyes(views, 2.7, (20.0, -10.0, 40.0), dtype=dtype, device=device)
     cam = camera_from_look_at(eyes, fov_deg=50, height=size, width=size)
-    settings = RenderSettings(sigma=1e-4, gamma=1e-4)
+    settings = RenderSettings(sigma=1e-4, gamma=1e-4, cull_backfaces=cull == "on")
     pairs = prepare(verts, faces, cam, settings)
     colors = torch.full_like(verts, 0.7)
     lights = Lights.create(ambient=(0.3,) * 3, directional_dirs=[(0.3, -1.0, -0.4)],
@@ -86,8 +86,8 @@ def setup(mesh: Mesh, size: int, views: int, mode: str, device: torch.device):
 
 
 def bench_row(mesh: Mesh, mesh_name: str, size: int, views: int, mode: str, device: torch.device,
-              repeats: int) -> dict:
-    verts, faces, colors, cam, settings, pairs, f, fwd_bwd = setup(mesh, size, views, mode, device)
+              repeats: int, cull: str = "on") -> dict:
+    verts, faces, colors, cam, settings, pairs, f, fwd_bwd = setup(mesh, size, views, mode, device, cull)
 
     with torch.no_grad():
         fwd_ms = median_ms(lambda: f(verts, colors), device, repeats)
@@ -96,7 +96,7 @@ def bench_row(mesh: Mesh, mesh_name: str, size: int, views: int, mode: str, devi
     if device.type == "cuda":
         peak = peak_mb(fwd_bwd, device)
     else:
-        peak = peak_in_subprocess(mesh_name, size, views, mode, torch.get_num_threads())
+        peak = peak_in_subprocess(mesh_name, size, views, mode, cull, torch.get_num_threads())
     u = (torch.randn_like(verts) * 1e-3, torch.randn_like(colors))
     _, jvp_fn = torch.func.linearize(f, verts, colors)
     jvp_ms = median_ms(lambda: jvp_fn(*u), device, repeats)
@@ -104,14 +104,14 @@ def bench_row(mesh: Mesh, mesh_name: str, size: int, views: int, mode: str, devi
     w = torch.randn_like(out)
     vjp_ms = median_ms(lambda: vjp_fn(w), device, repeats)
     return dict(mesh=mesh_name, faces=int(faces.shape[0]), height=size, width=size, views=views, mode=mode,
-                pairs=len(pairs), prep_ms=prep_ms, fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, jvp_ms=jvp_ms, vjp_ms=vjp_ms,
-                ns_per_pair=fwd_bwd_ms * 1e6 / max(len(pairs), 1), peak_mb=peak, device=str(device),
+                cull=cull, pairs=len(pairs), prep_ms=prep_ms, fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, jvp_ms=jvp_ms, vjp_ms=vjp_ms,
+                total_ms=prep_ms + fwd_bwd_ms, ns_per_pair=fwd_bwd_ms * 1e6 / max(len(pairs), 1), peak_mb=peak, device=str(device),
                 dtype="float32")
 
 
-COLUMNS = [("mesh", "{:>8}"), ("faces", "{:>6}"), ("height", "{:>5}"), ("views", "{:>5}"), ("mode", "{:>10}"),
+COLUMNS = [("mesh", "{:>8}"), ("faces", "{:>6}"), ("height", "{:>5}"), ("views", "{:>5}"), ("mode", "{:>10}"), ("cull", "{:>4}"),
            ("pairs", "{:>9}"), ("prep_ms", "{:>8.1f}"), ("fwd_ms", "{:>8.1f}"), ("fwd_bwd_ms", "{:>10.1f}"),
-           ("jvp_ms", "{:>8.1f}"), ("vjp_ms", "{:>8.1f}"), ("ns_per_pair", "{:>11.1f}"), ("peak_mb", "{:>8.0f}")]
+           ("jvp_ms", "{:>8.1f}"), ("vjp_ms", "{:>8.1f}"), ("total_ms", "{:>8.1f}"), ("ns_per_pair", "{:>11.1f}"), ("peak_mb", "{:>8.0f}")]
 
 
 def print_header() -> None:
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, action="append", help="square image size (default: 128, 256, 512)")
     p.add_argument("--views", type=int, action="append", help="views per render (default: 1, 8)")
     p.add_argument("--mode", choices=["silhouette", "shaded"], action="append", help="default: both")
+    p.add_argument("--cull", choices=["on", "off"], action="append", help="back-face culling (default: on)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     if args.peak_only:  # internal: one row's CPU peak memory, measured in this fresh process
         _, _, _, _, _, _, _, fwd_bwd = setup(MESHES[args.mesh[0]](), args.size[0], args.views[0], args.mode[0],
-                                             device)
+                                             device, (args.cull or ["on"])[0])
         print(peak_mb(fwd_bwd, device))
         return 0
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -158,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.size or [128, 256, 512]:
             for views in args.views or [1, 8]:
                 for mode in args.mode or ["silhouette", "shaded"]:
-                    row = bench_row(mesh, mesh_name, size, views, mode, device, args.repeats)
-                    print_row(row)
-                    if args.json:
-                        with args.json.open("a") as fh:
-                            fh.write(json.dumps(row) + "\n")
+                    for cull in args.cull or ["on"]:
+                        row = bench_row(mesh, mesh_name, size, views, mode, device, args.repeats, cull)
+                        print_row(row)
+                        if args.json:
+                            with args.json.open("a") as fh:
+                                fh.write(json.dumps(row) + "\n")
     return 0
 
 

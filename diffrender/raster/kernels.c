@@ -1,0 +1,584 @@
+#ifndef DR_TYPED
+/* Compiled kernels of the soft rasterizer: pair search and the fused sweeps (forward, J, Jᵀ).
+
+   Plain C99 without Python or torch headers, so any C compiler builds it in about a second; it is loaded
+   with ctypes (raster/native.py), which also splits the work over threads by ranges of bands. Nothing
+   here allocates result memory.
+
+   Pairs are stored as runs: (view_face, first pixel, length), the consecutive pixels of one image row
+   that lie within the cutoff of one face. The image is cut into bands of band_rows rows; a band's runs
+   are contiguous, ordered by face, then row. Per-(view, face) table rows (raster/geometry.py, 19 values):
+   edge k is opposite vertex k, starts at s_k = v_{k+1}, has direction e_k = v_{k+2} - v_{k+1};
+   E_k(p) = cross(e_k, p - s_k) = 2·area·l_k (l_k the screen barycentric of vertex k); il_k = 1/|e_k|²;
+   z_k the depth of vertex k; ia = 1/(2·area). The math follows raster/soft.py, the PyTorch reference. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROWS 19
+/* min/max as selects (libm's fmin/fmax are calls with NaN rules we do not need) */
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+#define BLK 64 /* pixels of a run processed at once (stack buffers) */
+enum { SX = 0, SY = 3, EX = 6, EY = 9, IL = 12, Z = 15, IA = 18 };
+
+/* Everything a sweep needs; data pointers are float or double depending on the function suffix. */
+typedef struct {
+    const void *table;        /* (N*F, 19) */
+    const void *attrs;        /* (V, C) per-vertex attributes blended after the depth (C may be 0) */
+    const int64_t *faces;     /* (F, 3) */
+    const int64_t *runs;      /* (R, 3): view_face, first pixel (flat over N*H*W), length */
+    const int64_t *band_off;  /* (NB + 1): runs of band b are band_off[b] .. band_off[b+1] - 1 */
+    int64_t NP, F, H, W, C, blend, band_rows; /* NP = N*H*W */
+    double scale;             /* ndc_per_px² / σ: coverage logit x = ±scale · d²(px) */
+    double r2;                /* squared cutoff radius (px²): farther pairs contribute exactly nothing */
+    double kz;                /* 1 / ((far - near) γ): log-weight = log sigmoid(x) - depth · kz (+ const) */
+    void *alpha;              /* (N*H*W) */
+    void *out;                /* (N*H*W, 1 + C): blended depth, then attributes */
+    void *state;              /* (3, N*H*W): Σ log(1 - D), max log-weight, Σ weights (relative to the max) */
+    const void *t_table, *t_attrs;  /* J: tangents in */
+    void *t_alpha, *t_out;          /*    tangents out */
+    const void *g_alpha, *g_out;    /* Jᵀ: cotangents in */
+    void *g_table, *g_attrs;        /*     accumulated into (a thread-private buffer each) */
+} Params;
+
+/* The row intervals of pixels whose centers lie within radius R of a triangle (or inside it): the
+   union of the triangle and the capsules of its edges (segment ⊕ disc) is convex, so each row meets it
+   in one interval, the hull of the rows' intervals of the pieces. Everything that does not depend on
+   the row is set up once per face. */
+typedef struct {
+    double sx[3], sy[3], ex[3], L[3], ux[3], uy[3], iux[3], iuy[3], A0[3], iB[3];
+    int rect[3], xfree[3], yfree[3], bsign[3];
+    double R, R2, sgn;
+} Reach;
+
+static void reach_setup(const double *tr, double R, Reach *g) {
+    g->R = R;
+    g->R2 = R * R;
+    g->sgn = tr[IA] > 0 ? 1.0 : -1.0;
+    for (int k = 0; k < 3; k++) {
+        double sx = tr[SX + k], sy = tr[SY + k], ex = tr[EX + k], ey = tr[EY + k], L = sqrt(ex * ex + ey * ey);
+        g->sx[k] = sx, g->sy[k] = sy, g->ex[k] = ex, g->L[k] = L;
+        g->rect[k] = L > 0;
+        g->ux[k] = L > 0 ? ex / L : 0, g->uy[k] = L > 0 ? ey / L : 0;
+        g->xfree[k] = !(fabs(g->ux[k]) > 1e-12), g->yfree[k] = !(fabs(g->uy[k]) > 1e-12);
+        g->iux[k] = g->xfree[k] ? 0 : 1 / g->ux[k], g->iuy[k] = g->yfree[k] ? 0 : 1 / g->uy[k];
+        /* triangle: sgn·E_k = A0 + sgn·ex·dy - sgn·ey·x >= 0, A0 = sgn·ey·sx */
+        double B = -g->sgn * ey;
+        g->A0[k] = g->sgn * ey * sx;
+        g->bsign[k] = B > 0 ? 1 : (B < 0 ? -1 : 0);
+        g->iB[k] = B != 0 ? 1 / B : 0;
+    }
+}
+
+/* The interval [*a, *b] (clamped to [0, W - 1]) of columns of the row at height y; 0 when empty. Generous
+   by a relative 1e-9 so that rounding never drops a pixel: the sweeps test each pair's exact distance. */
+static int reach_row(const Reach *g, double y, int64_t W, int64_t *a, int64_t *b) {
+    double xl = INFINITY, xr = -INFINITY, tl = -INFINITY, th = INFINITY;
+    int tri = 1;
+    for (int k = 0; k < 3; k++) {
+        double dy = y - g->sy[k], h2 = g->R2 - dy * dy;
+        if (h2 >= 0) { /* disc around vertex s_k */
+            double h = sqrt(h2);
+            xl = MIN(xl, g->sx[k] - h);
+            xr = MAX(xr, g->sx[k] + h);
+        }
+        if (g->rect[k]) { /* {s + u·e/L + v·n: 0 <= u <= L, |v| <= R}, n = (-uy, ux) */
+            double lo = -INFINITY, hi = INFINITY, c = dy * g->uy[k];
+            if (!g->xfree[k]) {
+                double p = -c * g->iux[k], q = (g->L[k] - c) * g->iux[k];
+                lo = MAX(lo, MIN(p, q));
+                hi = MIN(hi, MAX(p, q));
+            } else if (c < 0 || c > g->L[k]) {
+                lo = INFINITY;
+            }
+            c = dy * g->ux[k]; /* v = -(x - sx)·uy + dy·ux */
+            if (!g->yfree[k]) {
+                double p = (c - g->R) * g->iuy[k], q = (c + g->R) * g->iuy[k];
+                lo = MAX(lo, MIN(p, q));
+                hi = MIN(hi, MAX(p, q));
+            } else if (fabs(c) > g->R) {
+                lo = INFINITY;
+            }
+            if (lo <= hi) {
+                xl = MIN(xl, g->sx[k] + lo);
+                xr = MAX(xr, g->sx[k] + hi);
+            }
+        }
+        double A = g->A0[k] + g->sgn * g->ex[k] * dy; /* triangle: A - sgn·ey·x >= 0 */
+        if (g->bsign[k] > 0) tl = MAX(tl, -A * g->iB[k]);
+        else if (g->bsign[k] < 0) th = MIN(th, -A * g->iB[k]);
+        else if (A < 0) tri = 0;
+    }
+    if (tri && tl <= th) {
+        xl = MIN(xl, tl);
+        xr = MAX(xr, th);
+    }
+    if (!(xl <= xr)) return 0;
+    double tol = 1e-9 * (1 + fabs(xl) + fabs(xr));
+    double lo = ceil(xl - 0.5 - tol), hi = floor(xr - 0.5 + tol);
+    lo = lo > 0 ? lo : 0;
+    hi = hi < (double)(W - 1) ? hi : (double)(W - 1);
+    if (!(lo <= hi)) return 0;
+    *a = (int64_t)lo;
+    *b = (int64_t)hi;
+    return 1;
+}
+
+/* Moves each band's runs (bands [b_lo, b_hi)) from its upper-bound slot ub_off[b] to run_base[b]. */
+void dr_compact(const int64_t *ub_off, const int64_t *run_base, const int64_t *band_count, int64_t b_lo,
+                int64_t b_hi, const int64_t *ub_runs, int64_t *runs) {
+    for (int64_t b = b_lo; b < b_hi; b++)
+        memcpy(runs + 3 * run_base[b], ub_runs + 3 * ub_off[b], (size_t)band_count[b] * 3 * sizeof(int64_t));
+}
+
+/* The typed kernels: this file includes itself once per storage type. */
+#define DR_TYPED
+#define T float
+#define FN(name) name##_f32
+#define FAST_MATH 1
+#include __FILE__
+#undef T
+#undef FN
+#undef FAST_MATH
+#define T double
+#define FN(name) name##_f64
+#define FAST_MATH 0
+#include __FILE__
+
+#else /* ------------------------------------------------------------------ typed part: T, FN(name) */
+
+/* exp(x) for x <= 0 (0 below the float range; -inf gives 0) and log1p(e) for e in [0, 1]. In float they are
+   branch-free polynomials (Cephes' expf; 2·atanh(e / (2 + e)) as a series), so that loops vectorize; in
+   double, libm. */
+#if FAST_MATH
+static inline float FN(exp_neg)(float x) {
+    float xc = x > -87.0f ? x : -87.0f;
+    float k = rintf(xc * 1.44269504089f);
+    float r = xc - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } u;
+    u.i = ((int32_t)k + 127) << 23;
+    return x > -87.0f ? p * u.f : 0.0f;
+}
+static inline float FN(log1p_01)(float e) {
+    float s = e / (2.0f + e), s2 = s * s;
+    float p = 1.0f / 13;
+    p = p * s2 + 1.0f / 11;
+    p = p * s2 + 1.0f / 9;
+    p = p * s2 + 1.0f / 7;
+    p = p * s2 + 1.0f / 5;
+    p = p * s2 + 1.0f / 3;
+    p = p * s2 + 1.0f;
+    return 2.0f * s * p;
+}
+#else
+static inline double FN(exp_neg)(double x) { return exp(x); }
+static inline double FN(log1p_01)(double e) { return log1p(e); }
+#endif
+
+/* Per-pair geometry of a run's pixel i at (px, py): coverage logit and what its derivatives need. */
+typedef struct {
+    T dx[3], dy[3], E[3];
+    T rx, ry, t, sg, x, keep;
+    int k;
+} FN(Dist);
+
+static inline void FN(distance)(const T *f, T px, T py, T scale, T r2, FN(Dist) *d) {
+    T d2[3], rx[3], ry[3], tt[3];
+    for (int k = 0; k < 3; k++) {
+        T dx = px - f[SX + k], dy = py - f[SY + k], ex = f[EX + k], ey = f[EY + k];
+        T t = (ex * dx + ey * dy) * f[IL + k];
+        t = t > 0 ? t : 0;
+        t = t < 1 ? t : 1;
+        d->dx[k] = dx;
+        d->dy[k] = dy;
+        d->E[k] = ex * dy - ey * dx;
+        tt[k] = t;
+        rx[k] = dx - t * ex;
+        ry[k] = dy - t * ey;
+        d2[k] = rx[k] * rx[k] + ry[k] * ry[k];
+    }
+    T ia = f[IA];
+    int inside = (d->E[0] * ia >= 0) & (d->E[1] * ia >= 0) & (d->E[2] * ia >= 0);
+    T d01 = d2[1] < d2[0] ? d2[1] : d2[0];
+    int k = d2[2] < d01 ? 2 : (d2[1] < d2[0] ? 1 : 0);
+    T dm = k == 2 ? d2[2] : d01;
+    d->k = k;
+    d->rx = k == 0 ? rx[0] : (k == 1 ? rx[1] : rx[2]);
+    d->ry = k == 0 ? ry[0] : (k == 1 ? ry[1] : ry[2]);
+    d->t = k == 0 ? tt[0] : (k == 1 ? tt[1] : tt[2]);
+    d->sg = inside ? scale : -scale;
+    d->x = d->sg * dm;
+    d->keep = (inside | (dm <= r2)) ? 1 : 0;
+}
+
+/* Perspective-correct barycentrics: l_k = max(E_k·ia, 0), u_k = l_k / z_k, λ_k = u_k / Σu, depth = Σl / Σu
+   (raster/soft.py normalizes l first; the result is the same). */
+typedef struct {
+    T l[3], u[3], lam[3], S, U, depth;
+    int pos[3];
+} FN(Bary);
+
+static inline void FN(bary)(const T *f, const FN(Dist) *d, FN(Bary) *b) {
+    b->S = b->U = 0;
+    for (int k = 0; k < 3; k++) {
+        T v = d->E[k] * f[IA];
+        b->pos[k] = v >= 0;
+        b->l[k] = b->pos[k] ? v : 0;
+        b->S += b->l[k];
+        b->u[k] = b->l[k] / f[Z + k];
+        b->U += b->u[k];
+    }
+    for (int k = 0; k < 3; k++) b->lam[k] = b->u[k] / b->U;
+    b->depth = b->S / b->U;
+}
+
+static inline void FN(load)(const T *src, T *dst) {
+    for (int i = 0; i < ROWS; i++) dst[i] = src[i];
+}
+
+/* Pair search over bands [b_lo, b_hi). band_faces[band_off[b] ..] (ascending) are the view-faces whose
+   grown box (box: c0, r0, c1, r1 per view-face) overlaps band b. For each of them and each of its rows in
+   the band, the interval of pixels within R is written as a run (view_face, first pixel, length) from
+   ub_off[b] on; band_count[b] gets the band's number of runs, band_pairs[b] its number of pairs. */
+void FN(dr_search)(const T *table, const int64_t *box, const int64_t *band_off, const int64_t *band_faces,
+                   const int64_t *ub_off, int64_t b_lo, int64_t b_hi, int64_t band_rows, int64_t H, int64_t W,
+                   double R, int64_t *ub_runs, int64_t *band_count, int64_t *band_pairs) {
+    int64_t nb = (H + band_rows - 1) / band_rows;
+    double tr[ROWS];
+    for (int64_t b = b_lo; b < b_hi; b++) {
+        int64_t n = b / nb, rlo = (b % nb) * band_rows, rhi = rlo + band_rows < H ? rlo + band_rows : H;
+        int64_t m = 0, pairs = 0, *out = ub_runs + 3 * ub_off[b];
+        for (int64_t j = band_off[b]; j < band_off[b + 1]; j++) {
+            int64_t vf = band_faces[j];
+            const int64_t *bx = box + 4 * vf;
+            int64_t ya = bx[1] > rlo ? bx[1] : rlo, yb = bx[3] < rhi - 1 ? bx[3] : rhi - 1;
+            for (int i = 0; i < ROWS; i++) tr[i] = (double)table[vf * ROWS + i];
+            Reach g;
+            reach_setup(tr, R, &g);
+            for (int64_t row = ya; row <= yb; row++) {
+                int64_t a, c;
+                if (!reach_row(&g, (double)row + 0.5, W, &a, &c)) continue;
+                a = a > bx[0] ? a : bx[0];
+                c = c < bx[2] ? c : bx[2];
+                if (a > c) continue;
+                out[3 * m] = vf;
+                out[3 * m + 1] = (n * H + row) * W + a;
+                out[3 * m + 2] = c - a + 1;
+                pairs += c - a + 1;
+                m++;
+            }
+        }
+        band_count[b] = m;
+        band_pairs[b] = pairs;
+    }
+}
+
+/* Band-local pixel planes of a sweep (malloc'd per call, one band at a time). */
+#define BAND_GEOMETRY(p, b)                                                                         \
+    int64_t nb_ = ((p)->H + (p)->band_rows - 1) / (p)->band_rows, n = (b) / nb_;                \
+    int64_t rlo = ((b) % nb_) * (p)->band_rows;                                                    \
+    int64_t rhi = rlo + (p)->band_rows < (p)->H ? rlo + (p)->band_rows : (p)->H;                   \
+    int64_t base = n * (p)->H * (p)->W + rlo * (p)->W, bpx = (rhi - rlo) * (p)->W
+
+/* A run's face: its table row, pixel-center row, first column and vertex attribute rows. */
+#define RUN_SETUP(p, r, f, tab)                                                                     \
+    const int64_t *run = (p)->runs + 3 * (r);                                                      \
+    int64_t vf = run[0], lp0 = run[1] - base, len = run[2], col0 = lp0 % (p)->W;                   \
+    FN(load)((tab) + vf * ROWS, f);                                                                \
+    T py = (T)(lp0 / (p)->W + rlo) + (T)0.5;                                                       \
+    const int64_t *fv = (p)->faces + 3 * (vf - n * (p)->F)
+
+/* Forward sweep over bands [b_lo, b_hi): silhouette α = 1 - Π(1 - D_j) = -expm1(Σ log(1 - D_j)) and, when
+   blending, the SoftRas softmax of [depth, attributes] with log-weights log sigmoid(x_j) - depth_j·kz
+   (z̃/γ up to a constant, which the normalized blend ignores), accumulated online per pixel: the running
+   maximum is subtracted, as in raster/soft.py's blend. Returns -1 if scratch memory ran out. */
+static inline __attribute__((always_inline)) int FN(forward)(const Params *p, int64_t b_lo, int64_t b_hi,
+                                                             const int blend) {
+    const T *table = p->table, *A = p->attrs;
+    T *alpha = p->alpha, *out = p->out, *state = p->state;
+    int64_t C = p->C, NP = p->NP, npx = p->band_rows * p->W;
+    T scale = (T)p->scale, r2 = (T)p->r2, kz = (T)p->kz, f[ROWS];
+    T *buf = malloc((size_t)(npx * (3 + 1 + C)) * sizeof(T));
+    if (!buf) return -1;
+    T wa[BLK], wb[BLK], dep[BLK], l0[BLK], l1[BLK], l2[BLK];
+    for (int64_t b = b_lo; b < b_hi; b++) {
+        BAND_GEOMETRY(p, b);
+        T *S = buf, *TOP = buf + bpx, *DEN = buf + 2 * bpx, *NUM = buf + 3 * bpx; /* planes of bpx values */
+        for (int64_t i = 0; i < bpx; i++) S[i] = DEN[i] = 0, TOP[i] = -INFINITY;
+        if (blend) memset(NUM, 0, (size_t)(bpx * (1 + C)) * sizeof(T));
+        for (int64_t r = p->band_off[b]; r < p->band_off[b + 1]; r++) {
+            RUN_SETUP(p, r, f, table);
+            const T *a0 = A + fv[0] * C, *a1 = A + fv[1] * C, *a2 = A + fv[2] * C;
+            for (int64_t i0 = 0; i0 < len; i0 += BLK) {
+                int cnt = (int)(len - i0 < BLK ? len - i0 : BLK);
+                int64_t lp = lp0 + i0;
+                T *s = S + lp, *top = TOP + lp, *den = DEN + lp, px0 = (T)(col0 + i0) + (T)0.5;
+#pragma omp simd
+                for (int i = 0; i < cnt; i++) {
+                    FN(Dist) d;
+                    FN(distance)(f, px0 + (T)i, py, scale, r2, &d);
+                    T ax = d.x > 0 ? d.x : -d.x, e = FN(exp_neg)(-ax), L = FN(log1p_01)(e);
+                    s[i] -= d.keep * ((d.x > 0 ? d.x : 0) + L);
+                    if (blend) {
+                        FN(Bary) bb;
+                        FN(bary)(f, &d, &bb);
+                        T lw = d.keep > 0 ? (d.x < 0 ? d.x : 0) - L - bb.depth * kz : -INFINITY;
+                        T tn = top[i] > lw ? top[i] : lw;
+                        int none = tn == -INFINITY;
+                        T ra = none ? 1 : FN(exp_neg)(top[i] - tn), w = none ? 0 : FN(exp_neg)(lw - tn);
+                        top[i] = tn;
+                        den[i] = den[i] * ra + w;
+                        wa[i] = ra, wb[i] = w, dep[i] = bb.depth;
+                        l0[i] = bb.lam[0], l1[i] = bb.lam[1], l2[i] = bb.lam[2];
+                    }
+                }
+                if (!blend) continue;
+                T *num = NUM + lp;
+#pragma omp simd
+                for (int i = 0; i < cnt; i++) num[i] = num[i] * wa[i] + wb[i] * dep[i];
+                for (int64_t c = 0; c < C; c++) {
+                    T *nc = NUM + (1 + c) * bpx + lp, x0 = a0[c], x1 = a1[c], x2 = a2[c];
+#pragma omp simd
+                    for (int i = 0; i < cnt; i++) nc[i] = nc[i] * wa[i] + wb[i] * (l0[i] * x0 + l1[i] * x1 + l2[i] * x2);
+                }
+            }
+        }
+        for (int64_t i = 0; i < bpx; i++) {
+            int64_t q = base + i;
+            alpha[q] = (T)(-expm1((double)S[i]));
+            state[q] = S[i];
+            state[NP + q] = TOP[i];
+            state[2 * NP + q] = DEN[i];
+            if (blend)
+                for (int64_t c = 0; c <= C; c++) out[q * (1 + C) + c] = DEN[i] > 0 ? NUM[c * bpx + i] / DEN[i] : 0;
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+int FN(dr_forward)(const Params *p, int64_t b_lo, int64_t b_hi) {
+    return p->blend ? FN(forward)(p, b_lo, b_hi, 1) : FN(forward)(p, b_lo, b_hi, 0);
+}
+
+/* The tangent of one pair's coverage logit: Danskin's theorem, d(d²) = -2 r·(ds_k + t de_k) with the
+   nearest edge k and its projection parameter t held fixed. */
+static inline T FN(dlogit)(const FN(Dist) *d, const T *dt) {
+    int k = d->k;
+    T tsx = k == 0 ? dt[SX] : (k == 1 ? dt[SX + 1] : dt[SX + 2]);
+    T tsy = k == 0 ? dt[SY] : (k == 1 ? dt[SY + 1] : dt[SY + 2]);
+    T tex = k == 0 ? dt[EX] : (k == 1 ? dt[EX + 1] : dt[EX + 2]);
+    T tey = k == 0 ? dt[EY] : (k == 1 ? dt[EY + 1] : dt[EY + 2]);
+    return d->sg * -2 * (d->rx * (tsx + d->t * tex) + d->ry * (tsy + d->t * tey));
+}
+
+static inline T FN(sigmoid)(T x, T e) { return x >= 0 ? 1 / (1 + e) : e / (1 + e); } /* e = exp(-|x|) */
+
+/* Forward-mode product J·(t_table, t_attrs) over bands [b_lo, b_hi), from the forward's per-pixel state:
+   dα = exp(s) Σ_j σ(x_j) dx_j and dO_c = Σ_j ŵ_j (dF_jc + (F_jc - O_c) dlogw_j), ŵ_j the normalized
+   weights, F_j = [depth_j, Σ_k λ_jk a_k]. */
+static inline __attribute__((always_inline)) int FN(jvp)(const Params *p, int64_t b_lo, int64_t b_hi,
+                                                         const int blend) {
+    const T *table = p->table, *A = p->attrs, *tt = p->t_table, *tA = p->t_attrs, *out = p->out, *state = p->state;
+    T *t_alpha = p->t_alpha, *t_out = p->t_out;
+    int64_t C = p->C, NP = p->NP, npx = p->band_rows * p->W;
+    T scale = (T)p->scale, r2 = (T)p->r2, kz = (T)p->kz, f[ROWS], dt[ROWS];
+    T *buf = malloc((size_t)(npx * (2 + C)) * sizeof(T));
+    if (!buf) return -1;
+    T wh_[BLK], dlw_[BLK], l0[BLK], l1[BLK], l2[BLK], m0[BLK], m1[BLK], m2[BLK];
+    for (int64_t b = b_lo; b < b_hi; b++) {
+        BAND_GEOMETRY(p, b);
+        T *DS = buf, *DO = buf + bpx; /* planes of bpx values: dα sums, then dO per channel */
+        memset(buf, 0, (size_t)(bpx * (2 + C)) * sizeof(T));
+        for (int64_t r = p->band_off[b]; r < p->band_off[b + 1]; r++) {
+            RUN_SETUP(p, r, f, table);
+            FN(load)(tt + vf * ROWS, dt);
+            const T *a0 = A + fv[0] * C, *a1 = A + fv[1] * C, *a2 = A + fv[2] * C;
+            const T *t0 = tA + fv[0] * C, *t1 = tA + fv[1] * C, *t2 = tA + fv[2] * C;
+            for (int64_t i0 = 0; i0 < len; i0 += BLK) {
+                int cnt = (int)(len - i0 < BLK ? len - i0 : BLK);
+                int64_t lp = lp0 + i0;
+                T *ds = DS + lp, *do0 = DO + lp, px0 = (T)(col0 + i0) + (T)0.5;
+                const T *top = state + NP + base + lp, *den = state + 2 * NP + base + lp, *O = out + (base + lp) * (1 + C);
+#pragma omp simd
+                for (int i = 0; i < cnt; i++) {
+                    FN(Dist) d;
+                    FN(distance)(f, px0 + (T)i, py, scale, r2, &d);
+                    T dx_ = d.keep * FN(dlogit)(&d, dt);
+                    T ax = d.x > 0 ? d.x : -d.x, e = FN(exp_neg)(-ax);
+                    ds[i] += FN(sigmoid)(d.x, e) * dx_;
+                    if (blend) {
+                        FN(Bary) bb;
+                        FN(bary)(f, &d, &bb);
+                        T dl[3], du[3], dS = 0, dU = 0;
+                        for (int k = 0; k < 3; k++) {
+                            T dE = dt[EX + k] * d.dy[k] - dt[EY + k] * d.dx[k] - f[EX + k] * dt[SY + k] + f[EY + k] * dt[SX + k];
+                            dl[k] = bb.pos[k] ? dE * f[IA] + d.E[k] * dt[IA] : 0;
+                            dS += dl[k];
+                            du[k] = (dl[k] - bb.u[k] * dt[Z + k]) / f[Z + k];
+                            dU += du[k];
+                        }
+                        T ddepth = (dS - bb.depth * dU) / bb.U;
+                        T lw = (d.x < 0 ? d.x : 0) - FN(log1p_01)(e) - bb.depth * kz;
+                        T wh = d.keep > 0 ? FN(exp_neg)(lw - top[i]) / den[i] : 0;
+                        T dlw = FN(sigmoid)(-d.x, e) * dx_ - ddepth * kz;
+                        do0[i] += wh * (ddepth + (bb.depth - O[i * (1 + C)]) * dlw);
+                        wh_[i] = wh, dlw_[i] = dlw, l0[i] = bb.lam[0], l1[i] = bb.lam[1], l2[i] = bb.lam[2];
+                        m0[i] = (du[0] - bb.lam[0] * dU) / bb.U;
+                        m1[i] = (du[1] - bb.lam[1] * dU) / bb.U;
+                        m2[i] = (du[2] - bb.lam[2] * dU) / bb.U;
+                    }
+                }
+                if (!blend) continue;
+                for (int64_t c = 0; c < C; c++) {
+                    T *dc = DO + (1 + c) * bpx + lp, x0 = a0[c], x1 = a1[c], x2 = a2[c], y0 = t0[c], y1 = t1[c], y2 = t2[c];
+                    const T *Oc = O + 1 + c;
+#pragma omp simd
+                    for (int i = 0; i < cnt; i++) {
+                        T fc = l0[i] * x0 + l1[i] * x1 + l2[i] * x2;
+                        T dfc = m0[i] * x0 + m1[i] * x1 + m2[i] * x2 + l0[i] * y0 + l1[i] * y1 + l2[i] * y2;
+                        dc[i] += wh_[i] * (dfc + (fc - Oc[i * (1 + C)]) * dlw_[i]);
+                    }
+                }
+            }
+        }
+        for (int64_t i = 0; i < bpx; i++) {
+            int64_t q = base + i;
+            t_alpha[q] = (T)(exp((double)state[q]) * DS[i]);
+            if (blend)
+                for (int64_t c = 0; c <= C; c++) t_out[q * (1 + C) + c] = DO[c * bpx + i];
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+int FN(dr_jvp)(const Params *p, int64_t b_lo, int64_t b_hi) {
+    return p->blend ? FN(jvp)(p, b_lo, b_hi, 1) : FN(jvp)(p, b_lo, b_hi, 0);
+}
+
+/* Reverse-mode product Jᵀ·(g_alpha, g_out) over bands [b_lo, b_hi), accumulated into g_table (N*F, 19)
+   and g_attrs (V, C) (the caller gives each thread its own). The transpose of dr_jvp; every pair of a
+   run has the same face, so a run's contributions are summed before they are added. */
+static inline __attribute__((always_inline)) int FN(vjp)(const Params *p, int64_t b_lo, int64_t b_hi,
+                                                         const int blend) {
+    const T *table = p->table, *A = p->attrs, *ga_ = p->g_alpha, *G = p->g_out, *out = p->out, *state = p->state;
+    T *gt = p->g_table, *gA = p->g_attrs;
+    int64_t C = p->C, NP = p->NP, npx = p->band_rows * p->W;
+    T scale = (T)p->scale, r2 = (T)p->r2, kz = (T)p->kz, f[ROWS];
+    T *GA = malloc((size_t)npx * sizeof(T));
+    if (!GA) return -1;
+    T wh_[BLK], gw_[BLK], l0[BLK], l1[BLK], l2[BLK], g0[BLK], g1[BLK], g2[BLK];
+    for (int64_t b = b_lo; b < b_hi; b++) {
+        BAND_GEOMETRY(p, b);
+        for (int64_t i = 0; i < bpx; i++) GA[i] = (T)((double)ga_[base + i] * exp((double)state[base + i]));
+        for (int64_t r = p->band_off[b]; r < p->band_off[b + 1]; r++) {
+            RUN_SETUP(p, r, f, table);
+            const T *a0 = A + fv[0] * C, *a1 = A + fv[1] * C, *a2 = A + fv[2] * C;
+            T acc[ROWS] = {0};
+            for (int64_t i0 = 0; i0 < len; i0 += BLK) {
+                int cnt = (int)(len - i0 < BLK ? len - i0 : BLK);
+                int64_t lp = lp0 + i0;
+                const T *top = state + NP + base + lp, *den = state + 2 * NP + base + lp;
+                const T *O = out + (base + lp) * (1 + C), *Gq = G + (base + lp) * (1 + C), *ga = GA + lp;
+                T px0 = (T)(col0 + i0) + (T)0.5;
+                if (blend) {
+                    /* pass 1: weights and barycentrics; ∂L/∂logw_j starts with the depth channel */
+#pragma omp simd
+                    for (int i = 0; i < cnt; i++) {
+                        FN(Dist) d;
+                        FN(distance)(f, px0 + (T)i, py, scale, r2, &d);
+                        FN(Bary) bb;
+                        FN(bary)(f, &d, &bb);
+                        T ax = d.x > 0 ? d.x : -d.x, e = FN(exp_neg)(-ax);
+                        T lw = (d.x < 0 ? d.x : 0) - FN(log1p_01)(e) - bb.depth * kz;
+                        T wh = d.keep > 0 ? FN(exp_neg)(lw - top[i]) / den[i] : 0;
+                        wh_[i] = wh, l0[i] = bb.lam[0], l1[i] = bb.lam[1], l2[i] = bb.lam[2];
+                        gw_[i] = Gq[i * (1 + C)] * (bb.depth - O[i * (1 + C)]);
+                        g0[i] = g1[i] = g2[i] = 0;
+                    }
+                    /* pass 2, per attribute channel: ∂L/∂a_k (summed over the run), ∂L/∂λ_k, ∂L/∂logw */
+                    for (int64_t c = 0; c < C; c++) {
+                        T x0 = a0[c], x1 = a1[c], x2 = a2[c], s0 = 0, s1 = 0, s2 = 0;
+                        const T *Gc = Gq + 1 + c, *Oc = O + 1 + c;
+#pragma omp simd reduction(+ : s0, s1, s2)
+                        for (int i = 0; i < cnt; i++) {
+                            T gf = wh_[i] * Gc[i * (1 + C)];
+                            gw_[i] += Gc[i * (1 + C)] * (l0[i] * x0 + l1[i] * x1 + l2[i] * x2 - Oc[i * (1 + C)]);
+                            g0[i] += gf * x0, g1[i] += gf * x1, g2[i] += gf * x2;
+                            s0 += l0[i] * gf, s1 += l1[i] * gf, s2 += l2[i] * gf;
+                        }
+                        gA[fv[0] * C + c] += s0, gA[fv[1] * C + c] += s1, gA[fv[2] * C + c] += s2;
+                    }
+                }
+                /* pass 3: back through barycentrics and the distance into the face's table row */
+                T s_sx0 = 0, s_sx1 = 0, s_sx2 = 0, s_sy0 = 0, s_sy1 = 0, s_sy2 = 0, s_ex0 = 0, s_ex1 = 0, s_ex2 = 0;
+                T s_ey0 = 0, s_ey1 = 0, s_ey2 = 0, s_z0 = 0, s_z1 = 0, s_z2 = 0, s_ia = 0;
+#pragma omp simd reduction(+ : s_sx0, s_sx1, s_sx2, s_sy0, s_sy1, s_sy2, s_ex0, s_ex1, s_ex2, s_ey0, s_ey1, s_ey2, \
+                               s_z0, s_z1, s_z2, s_ia)
+                for (int i = 0; i < cnt; i++) {
+                    FN(Dist) d;
+                    FN(distance)(f, px0 + (T)i, py, scale, r2, &d);
+                    T ax = d.x > 0 ? d.x : -d.x, e = FN(exp_neg)(-ax);
+                    T gx = d.keep * ga[i] * FN(sigmoid)(d.x, e);
+                    T gE0 = 0, gE1 = 0, gE2 = 0, gz0 = 0, gz1 = 0, gz2 = 0, gia = 0;
+                    if (blend) {
+                        FN(Bary) bb;
+                        FN(bary)(f, &d, &bb);
+                        T wh = wh_[i], glw = wh * gw_[i];
+                        T gdepth = wh * Gq[i * (1 + C)] - glw * kz;
+                        gx += d.keep * FN(sigmoid)(-d.x, e) * glw;
+                        T dot = g0[i] * bb.lam[0] + g1[i] * bb.lam[1] + g2[i] * bb.lam[2], gSum = gdepth / bb.U;
+                        T gu0 = (g0[i] - dot - gdepth * bb.depth) / bb.U, gu1 = (g1[i] - dot - gdepth * bb.depth) / bb.U;
+                        T gu2 = (g2[i] - dot - gdepth * bb.depth) / bb.U;
+                        gz0 = -gu0 * bb.u[0] / f[Z], gz1 = -gu1 * bb.u[1] / f[Z + 1], gz2 = -gu2 * bb.u[2] / f[Z + 2];
+                        T gb0 = bb.pos[0] ? gu0 / f[Z] + gSum : 0, gb1 = bb.pos[1] ? gu1 / f[Z + 1] + gSum : 0;
+                        T gb2 = bb.pos[2] ? gu2 / f[Z + 2] + gSum : 0;
+                        gia = gb0 * d.E[0] + gb1 * d.E[1] + gb2 * d.E[2];
+                        gE0 = gb0 * f[IA], gE1 = gb1 * f[IA], gE2 = gb2 * f[IA];
+                    }
+                    /* E_k = ex·(py - sy) - ey·(px - sx) */
+                    T c2 = -2 * gx * d.sg;
+                    T dsx0 = gE0 * f[EY], dsx1 = gE1 * f[EY + 1], dsx2 = gE2 * f[EY + 2];
+                    T dsy0 = -gE0 * f[EX], dsy1 = -gE1 * f[EX + 1], dsy2 = -gE2 * f[EX + 2];
+                    T dex0 = gE0 * d.dy[0], dex1 = gE1 * d.dy[1], dex2 = gE2 * d.dy[2];
+                    T dey0 = -gE0 * d.dx[0], dey1 = -gE1 * d.dx[1], dey2 = -gE2 * d.dx[2];
+                    T hx = c2 * d.rx, hy = c2 * d.ry;
+                    int k = d.k;
+                    s_sx0 += dsx0 + (k == 0 ? hx : 0), s_sx1 += dsx1 + (k == 1 ? hx : 0), s_sx2 += dsx2 + (k == 2 ? hx : 0);
+                    s_sy0 += dsy0 + (k == 0 ? hy : 0), s_sy1 += dsy1 + (k == 1 ? hy : 0), s_sy2 += dsy2 + (k == 2 ? hy : 0);
+                    s_ex0 += dex0 + (k == 0 ? d.t * hx : 0), s_ex1 += dex1 + (k == 1 ? d.t * hx : 0);
+                    s_ex2 += dex2 + (k == 2 ? d.t * hx : 0);
+                    s_ey0 += dey0 + (k == 0 ? d.t * hy : 0), s_ey1 += dey1 + (k == 1 ? d.t * hy : 0);
+                    s_ey2 += dey2 + (k == 2 ? d.t * hy : 0);
+                    s_z0 += gz0, s_z1 += gz1, s_z2 += gz2, s_ia += gia;
+                }
+                acc[SX] += s_sx0, acc[SX + 1] += s_sx1, acc[SX + 2] += s_sx2;
+                acc[SY] += s_sy0, acc[SY + 1] += s_sy1, acc[SY + 2] += s_sy2;
+                acc[EX] += s_ex0, acc[EX + 1] += s_ex1, acc[EX + 2] += s_ex2;
+                acc[EY] += s_ey0, acc[EY + 1] += s_ey1, acc[EY + 2] += s_ey2;
+                acc[Z] += s_z0, acc[Z + 1] += s_z1, acc[Z + 2] += s_z2, acc[IA] += s_ia;
+            }
+            T *g = gt + vf * ROWS;
+            for (int i = 0; i < ROWS; i++) g[i] += acc[i];
+        }
+    }
+    free(GA);
+    return 0;
+}
+
+int FN(dr_vjp)(const Params *p, int64_t b_lo, int64_t b_hi) {
+    return p->blend ? FN(vjp)(p, b_lo, b_hi, 1) : FN(vjp)(p, b_lo, b_hi, 0);
+}
+
+#endif
