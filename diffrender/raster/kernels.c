@@ -283,73 +283,299 @@ void FN(dr_search)(const T *table, const int64_t *box, const int64_t *band_off, 
     }
 }
 
-/* Band-local pixel planes of a sweep (malloc'd per call, one band at a time). */
+/* Bands: band b holds rows [rlo, rhi) of view n; its pixels are base .. base + bpx - 1. */
 #define BAND_GEOMETRY(p, b)                                                                         \
     int64_t nb_ = ((p)->H + (p)->band_rows - 1) / (p)->band_rows, n = (b) / nb_;                \
     int64_t rlo = ((b) % nb_) * (p)->band_rows;                                                    \
     int64_t rhi = rlo + (p)->band_rows < (p)->H ? rlo + (p)->band_rows : (p)->H;                   \
     int64_t base = n * (p)->H * (p)->W + rlo * (p)->W, bpx = (rhi - rlo) * (p)->W
 
-/* A run's face: its table row, pixel-center row, first column and vertex attribute rows. */
-#define RUN_SETUP(p, r, f, tab)                                                                     \
-    const int64_t *run = (p)->runs + 3 * (r);                                                      \
-    int64_t vf = run[0], lp0 = run[1] - base, len = run[2], col0 = lp0 % (p)->W;                   \
-    FN(load)((tab) + vf * ROWS, f);                                                                \
-    T py = (T)(lp0 / (p)->W + rlo) + (T)0.5;                                                       \
-    const int64_t *fv = (p)->faces + 3 * (vf - n * (p)->F)
+/* Up to BLK pixels of consecutive runs of one face (a band's runs are grouped by face), so that the
+   vector loops see full blocks however short the runs: pixel centers and band-local pixel indices. */
+typedef struct {
+    T px[BLK], py[BLK];
+    int32_t lp[BLK];
+    int n;
+    int64_t vf;
+} FN(Block);
+
+/* Fills blk from run *r, pixel *off on (advancing both), stopping at BLK pixels, at a new face or at
+   run r_end. Returns 0 when there is nothing left. */
+static inline int FN(next_block)(const Params *p, int64_t r_end, int64_t base, int64_t *r, int64_t *off,
+                                 FN(Block) *blk) {
+    blk->n = 0;
+    if (*r >= r_end) return 0;
+    blk->vf = p->runs[3 * *r];
+    while (*r < r_end && p->runs[3 * *r] == blk->vf && blk->n < BLK) {
+        const int64_t *run = p->runs + 3 * *r;
+        int64_t lp0 = run[1] - base, take = run[2] - *off;
+        if (take > BLK - blk->n) take = BLK - blk->n;
+        T py = (T)(lp0 / p->W) + (T)0.5, px0 = (T)(lp0 % p->W + *off) + (T)0.5;
+        for (int64_t i = 0; i < take; i++) {
+            blk->px[blk->n] = px0 + (T)i;
+            blk->py[blk->n] = py; /* band-local row: the rows above the band do not matter, see BAND_ROW0 */
+            blk->lp[blk->n++] = (int32_t)(lp0 + *off + i);
+        }
+        *off += take;
+        if (*off == run[2]) *off = 0, (*r)++;
+    }
+    return 1;
+}
+
+/* Per-block face constants: table row (with the band's first row folded into the y coordinates, so that
+   pixel centers can stay band-local and small), attribute rows of the three vertices. */
+#define BLOCK_FACE(p, blk, tab, f)                                                                  \
+    FN(load)((tab) + (blk).vf * ROWS, f);                                                           \
+    for (int k_ = 0; k_ < 3; k_++) f[SY + k_] -= (T)rlo;                                            \
+    const int64_t *fv = (p)->faces + 3 * ((blk).vf - n * (p)->F)
+
+/* The per-block vector loops, each in a function of its own over restrict-qualified block arrays, which
+   is what lets the compiler vectorize them: f is the face's table row, px/py the block's pixel centers. */
+#define KERNEL static __attribute__((noinline)) void
+#define R_ * restrict
+
+static inline T FN(sigmoid)(T x, T e) { return x >= 0 ? 1 / (1 + e) : e / (1 + e); } /* e = exp(-|x|) */
+
+/* The tangent of one pair's coverage logit: Danskin's theorem, d(d²) = -2 r·(ds_k + t de_k) with the
+   nearest edge k and its projection parameter t held fixed. The tangent row is passed as scalars, so
+   that picking edge k is a select, not a (masked) load. */
+typedef struct {
+    T sx[3], sy[3], ex[3], ey[3];
+} FN(Tangent);
+
+static inline T FN(dlogit)(const FN(Dist) *d, FN(Tangent) g) {
+    int k = d->k;
+    T tsx = k == 0 ? g.sx[0] : (k == 1 ? g.sx[1] : g.sx[2]);
+    T tsy = k == 0 ? g.sy[0] : (k == 1 ? g.sy[1] : g.sy[2]);
+    T tex = k == 0 ? g.ex[0] : (k == 1 ? g.ex[1] : g.ex[2]);
+    T tey = k == 0 ? g.ey[0] : (k == 1 ? g.ey[1] : g.ey[2]);
+    return d->sg * -2 * (d->rx * (tsx + d->t * tex) + d->ry * (tsy + d->t * tey));
+}
+
+/* forward: sp = -log(1 - D) of each pixel (0 beyond the cutoff) */
+KERNEL FN(k_cover)(const T R_ f_, const T R_ px, const T R_ py, int cnt, T scale, T r2, T R_ sp) {
+    T f[ROWS];
+    for (int k = 0; k < ROWS; k++) f[k] = f_[k]; /* local copies: invariant loads the vectorizer can hoist */
+#pragma omp simd
+    for (int i = 0; i < cnt; i++) {
+        FN(Dist) d;
+        FN(distance)(f, px[i], py[i], scale, r2, &d);
+        T ax = d.x > 0 ? d.x : -d.x, L = FN(log1p_01)(FN(exp_neg)(-ax));
+        sp[i] = d.keep * ((d.x > 0 ? d.x : 0) + L);
+    }
+}
+
+/* forward with blending: also the new running maxima tn, the factors wa (old sums) and wb (this pair) of
+   the online softmax, depth and perspective-correct barycentrics */
+KERNEL FN(k_cover_blend)(const T R_ f_, const T R_ px, const T R_ py, int cnt, T scale, T r2, T kz, const T R_ tg,
+                         T R_ sp, T R_ tn, T R_ wa, T R_ wb, T R_ dep, T R_ l0, T R_ l1, T R_ l2) {
+    T f[ROWS];
+    for (int k = 0; k < ROWS; k++) f[k] = f_[k]; /* local copies: invariant loads the vectorizer can hoist */
+#pragma omp simd
+    for (int i = 0; i < cnt; i++) {
+        FN(Dist) d;
+        FN(distance)(f, px[i], py[i], scale, r2, &d);
+        T ax = d.x > 0 ? d.x : -d.x, L = FN(log1p_01)(FN(exp_neg)(-ax));
+        sp[i] = d.keep * ((d.x > 0 ? d.x : 0) + L);
+        FN(Bary) bb;
+        FN(bary)(f, &d, &bb);
+        T lw = d.keep > 0 ? (d.x < 0 ? d.x : 0) - L - bb.depth * kz : -INFINITY;
+        T t = tg[i] > lw ? tg[i] : lw;
+        int none = t == -INFINITY;
+        tn[i] = t;
+        wa[i] = none ? 1 : FN(exp_neg)(tg[i] - t);
+        wb[i] = none ? 0 : FN(exp_neg)(lw - t);
+        dep[i] = bb.depth, l0[i] = bb.lam[0], l1[i] = bb.lam[1], l2[i] = bb.lam[2];
+    }
+}
+
+/* J: dsv = σ(x) dx; with blending (blend != 0) also the normalized weight wh, dlogw, the depth channel's
+   dO term (written over O0, which holds the blended depth on entry), λ and dλ */
+KERNEL FN(k_tangent)(const T R_ f_, const T R_ dt_, const T R_ px, const T R_ py, int cnt, T scale, T r2, T kz,
+                     int blend, const T R_ top, const T R_ den, T R_ O0, T R_ dsv, T R_ wh_, T R_ dlw_, T R_ l0,
+                     T R_ l1, T R_ l2, T R_ m0, T R_ m1, T R_ m2) {
+    T f[ROWS];
+    for (int k = 0; k < ROWS; k++) f[k] = f_[k]; /* local copies: invariant loads the vectorizer can hoist */
+    T dt[ROWS];
+    for (int k = 0; k < ROWS; k++) dt[k] = dt_[k];
+    FN(Tangent) tg;
+    for (int k = 0; k < 3; k++) tg.sx[k] = dt[SX + k], tg.sy[k] = dt[SY + k], tg.ex[k] = dt[EX + k], tg.ey[k] = dt[EY + k];
+    if (!blend) {
+#pragma omp simd
+        for (int i = 0; i < cnt; i++) {
+            FN(Dist) d;
+            FN(distance)(f, px[i], py[i], scale, r2, &d);
+            T ax = d.x > 0 ? d.x : -d.x;
+            dsv[i] = FN(sigmoid)(d.x, FN(exp_neg)(-ax)) * d.keep * FN(dlogit)(&d, tg);
+        }
+        return;
+    }
+#pragma omp simd
+    for (int i = 0; i < cnt; i++) {
+        FN(Dist) d;
+        FN(distance)(f, px[i], py[i], scale, r2, &d);
+        T dx_ = d.keep * FN(dlogit)(&d, tg);
+        T ax = d.x > 0 ? d.x : -d.x, e = FN(exp_neg)(-ax);
+        dsv[i] = FN(sigmoid)(d.x, e) * dx_;
+        FN(Bary) bb;
+        FN(bary)(f, &d, &bb);
+        T dl[3], du[3], dS = 0, dU = 0;
+        for (int k = 0; k < 3; k++) {
+            T dE = dt[EX + k] * d.dy[k] - dt[EY + k] * d.dx[k] - f[EX + k] * dt[SY + k] + f[EY + k] * dt[SX + k];
+            dl[k] = bb.pos[k] ? dE * f[IA] + d.E[k] * dt[IA] : 0;
+            dS += dl[k];
+            du[k] = (dl[k] - bb.u[k] * dt[Z + k]) / f[Z + k];
+            dU += du[k];
+        }
+        T ddepth = (dS - bb.depth * dU) / bb.U;
+        T lw = (d.x < 0 ? d.x : 0) - FN(log1p_01)(e) - bb.depth * kz;
+        T wh = d.keep > 0 ? FN(exp_neg)(lw - top[i]) / den[i] : 0;
+        T dlw = FN(sigmoid)(-d.x, e) * dx_ - ddepth * kz;
+        O0[i] = wh * (ddepth + (bb.depth - O0[i]) * dlw);
+        wh_[i] = wh, dlw_[i] = dlw, l0[i] = bb.lam[0], l1[i] = bb.lam[1], l2[i] = bb.lam[2];
+        m0[i] = (du[0] - bb.lam[0] * dU) / bb.U;
+        m1[i] = (du[1] - bb.lam[1] * dU) / bb.U;
+        m2[i] = (du[2] - bb.lam[2] * dU) / bb.U;
+    }
+}
+
+/* J, one attribute channel: Oc (the blended value on entry) becomes ŵ (dF + (F - O) dlogw) */
+KERNEL FN(k_tangent_channel)(int cnt, const T R_ wh_, const T R_ dlw_, const T R_ l0, const T R_ l1, const T R_ l2,
+                             const T R_ m0, const T R_ m1, const T R_ m2, T x0, T x1, T x2, T y0, T y1, T y2,
+                             T R_ Oc) {
+#pragma omp simd
+    for (int i = 0; i < cnt; i++) {
+        T fc = l0[i] * x0 + l1[i] * x1 + l2[i] * x2;
+        T dfc = m0[i] * x0 + m1[i] * x1 + m2[i] * x2 + l0[i] * y0 + l1[i] * y1 + l2[i] * y2;
+        Oc[i] = wh_[i] * (dfc + (fc - Oc[i]) * dlw_[i]);
+    }
+}
+
+/* Jᵀ with blending, first pass: normalized weights, λ, and ∂L/∂logw from the depth channel */
+KERNEL FN(k_weights)(const T R_ f_, const T R_ px, const T R_ py, int cnt, T scale, T r2, T kz, const T R_ top,
+                     const T R_ den, const T R_ G0, const T R_ O0, T R_ wh_, T R_ gw_, T R_ l0, T R_ l1, T R_ l2) {
+    T f[ROWS];
+    for (int k = 0; k < ROWS; k++) f[k] = f_[k]; /* local copies: invariant loads the vectorizer can hoist */
+#pragma omp simd
+    for (int i = 0; i < cnt; i++) {
+        FN(Dist) d;
+        FN(distance)(f, px[i], py[i], scale, r2, &d);
+        FN(Bary) bb;
+        FN(bary)(f, &d, &bb);
+        T ax = d.x > 0 ? d.x : -d.x, e = FN(exp_neg)(-ax);
+        T lw = (d.x < 0 ? d.x : 0) - FN(log1p_01)(e) - bb.depth * kz;
+        wh_[i] = d.keep > 0 ? FN(exp_neg)(lw - top[i]) / den[i] : 0;
+        l0[i] = bb.lam[0], l1[i] = bb.lam[1], l2[i] = bb.lam[2];
+        gw_[i] = G0[i] * (bb.depth - O0[i]);
+    }
+}
+
+/* Jᵀ, one attribute channel: adds to ∂L/∂logw and ∂L/∂λ_k; returns the block's ∂L/∂a_k in s[0..2] */
+KERNEL FN(k_adjoint_channel)(int cnt, const T R_ wh_, const T R_ l0, const T R_ l1, const T R_ l2, const T R_ Gc,
+                             const T R_ Oc, T x0, T x1, T x2, T R_ gw_, T R_ g0, T R_ g1, T R_ g2, T R_ s) {
+    T s0 = 0, s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2)
+    for (int i = 0; i < cnt; i++) {
+        T gf = wh_[i] * Gc[i];
+        gw_[i] += Gc[i] * (l0[i] * x0 + l1[i] * x1 + l2[i] * x2 - Oc[i]);
+        g0[i] += gf * x0, g1[i] += gf * x1, g2[i] += gf * x2;
+        s0 += l0[i] * gf, s1 += l1[i] * gf, s2 += l2[i] * gf;
+    }
+    s[0] = s0, s[1] = s1, s[2] = s2;
+}
+
+/* Jᵀ, last pass: back through barycentrics (blend != 0) and the distance into the face's table row,
+   summed over the block into acc[19] */
+KERNEL FN(k_adjoint)(const T R_ f_, const T R_ px, const T R_ py, int cnt, T scale, T r2, T kz, int blend,
+                     const T R_ ga, const T R_ wh_, const T R_ gw_, const T R_ G0, const T R_ g0, const T R_ g1,
+                     const T R_ g2, T R_ acc) {
+    T f[ROWS];
+    for (int k = 0; k < ROWS; k++) f[k] = f_[k]; /* local copies: invariant loads the vectorizer can hoist */
+    T s_sx0 = 0, s_sx1 = 0, s_sx2 = 0, s_sy0 = 0, s_sy1 = 0, s_sy2 = 0, s_ex0 = 0, s_ex1 = 0, s_ex2 = 0;
+    T s_ey0 = 0, s_ey1 = 0, s_ey2 = 0, s_z0 = 0, s_z1 = 0, s_z2 = 0, s_ia = 0;
+#pragma omp simd reduction(+ : s_sx0, s_sx1, s_sx2, s_sy0, s_sy1, s_sy2, s_ex0, s_ex1, s_ex2, s_ey0, s_ey1, s_ey2, \
+                               s_z0, s_z1, s_z2, s_ia)
+    for (int i = 0; i < cnt; i++) {
+        FN(Dist) d;
+        FN(distance)(f, px[i], py[i], scale, r2, &d);
+        T ax = d.x > 0 ? d.x : -d.x, e = FN(exp_neg)(-ax);
+        T gx = d.keep * ga[i] * FN(sigmoid)(d.x, e);
+        T gE0 = 0, gE1 = 0, gE2 = 0, gz0 = 0, gz1 = 0, gz2 = 0, gia = 0;
+        if (blend) {
+            FN(Bary) bb;
+            FN(bary)(f, &d, &bb);
+            T wh = wh_[i], glw = wh * gw_[i];
+            T gdepth = wh * G0[i] - glw * kz;
+            gx += d.keep * FN(sigmoid)(-d.x, e) * glw;
+            T dot = g0[i] * bb.lam[0] + g1[i] * bb.lam[1] + g2[i] * bb.lam[2], gSum = gdepth / bb.U;
+            T gu0 = (g0[i] - dot - gdepth * bb.depth) / bb.U, gu1 = (g1[i] - dot - gdepth * bb.depth) / bb.U;
+            T gu2 = (g2[i] - dot - gdepth * bb.depth) / bb.U;
+            gz0 = -gu0 * bb.u[0] / f[Z], gz1 = -gu1 * bb.u[1] / f[Z + 1], gz2 = -gu2 * bb.u[2] / f[Z + 2];
+            T gb0 = bb.pos[0] ? gu0 / f[Z] + gSum : 0, gb1 = bb.pos[1] ? gu1 / f[Z + 1] + gSum : 0;
+            T gb2 = bb.pos[2] ? gu2 / f[Z + 2] + gSum : 0;
+            gia = gb0 * d.E[0] + gb1 * d.E[1] + gb2 * d.E[2];
+            gE0 = gb0 * f[IA], gE1 = gb1 * f[IA], gE2 = gb2 * f[IA];
+        }
+        /* E_k = ex·(py - sy) - ey·(px - sx); d² through Danskin's theorem as in dlogit */
+        T c2 = -2 * gx * d.sg, hx = c2 * d.rx, hy = c2 * d.ry;
+        int k = d.k;
+        s_sx0 += gE0 * f[EY] + (k == 0 ? hx : 0), s_sx1 += gE1 * f[EY + 1] + (k == 1 ? hx : 0);
+        s_sx2 += gE2 * f[EY + 2] + (k == 2 ? hx : 0);
+        s_sy0 += -gE0 * f[EX] + (k == 0 ? hy : 0), s_sy1 += -gE1 * f[EX + 1] + (k == 1 ? hy : 0);
+        s_sy2 += -gE2 * f[EX + 2] + (k == 2 ? hy : 0);
+        s_ex0 += gE0 * d.dy[0] + (k == 0 ? d.t * hx : 0), s_ex1 += gE1 * d.dy[1] + (k == 1 ? d.t * hx : 0);
+        s_ex2 += gE2 * d.dy[2] + (k == 2 ? d.t * hx : 0);
+        s_ey0 += -gE0 * d.dx[0] + (k == 0 ? d.t * hy : 0), s_ey1 += -gE1 * d.dx[1] + (k == 1 ? d.t * hy : 0);
+        s_ey2 += -gE2 * d.dx[2] + (k == 2 ? d.t * hy : 0);
+        s_z0 += gz0, s_z1 += gz1, s_z2 += gz2, s_ia += gia;
+    }
+    acc[SX] = s_sx0, acc[SX + 1] = s_sx1, acc[SX + 2] = s_sx2, acc[SY] = s_sy0, acc[SY + 1] = s_sy1;
+    acc[SY + 2] = s_sy2, acc[EX] = s_ex0, acc[EX + 1] = s_ex1, acc[EX + 2] = s_ex2, acc[EY] = s_ey0;
+    acc[EY + 1] = s_ey1, acc[EY + 2] = s_ey2, acc[Z] = s_z0, acc[Z + 1] = s_z1, acc[Z + 2] = s_z2, acc[IA] = s_ia;
+}
 
 /* Forward sweep over bands [b_lo, b_hi): silhouette α = 1 - Π(1 - D_j) = -expm1(Σ log(1 - D_j)) and, when
    blending, the SoftRas softmax of [depth, attributes] with log-weights log sigmoid(x_j) - depth_j·kz
    (z̃/γ up to a constant, which the normalized blend ignores), accumulated online per pixel: the running
    maximum is subtracted, as in raster/soft.py's blend. Returns -1 if scratch memory ran out. */
-static inline __attribute__((always_inline)) int FN(forward)(const Params *p, int64_t b_lo, int64_t b_hi,
-                                                             const int blend) {
+int FN(dr_forward)(const Params *p, int64_t b_lo, int64_t b_hi) {
     const T *table = p->table, *A = p->attrs;
     T *alpha = p->alpha, *out = p->out, *state = p->state;
     int64_t C = p->C, NP = p->NP, npx = p->band_rows * p->W;
+    int blend = (int)p->blend;
     T scale = (T)p->scale, r2 = (T)p->r2, kz = (T)p->kz, f[ROWS];
     T *buf = malloc((size_t)(npx * (3 + 1 + C)) * sizeof(T));
     if (!buf) return -1;
-    T wa[BLK], wb[BLK], dep[BLK], l0[BLK], l1[BLK], l2[BLK];
+    FN(Block) blk;
+    T sp[BLK], tg[BLK], tn[BLK], wa[BLK], wb[BLK], dep[BLK], l0[BLK], l1[BLK], l2[BLK];
     for (int64_t b = b_lo; b < b_hi; b++) {
         BAND_GEOMETRY(p, b);
         T *S = buf, *TOP = buf + bpx, *DEN = buf + 2 * bpx, *NUM = buf + 3 * bpx; /* planes of bpx values */
         for (int64_t i = 0; i < bpx; i++) S[i] = DEN[i] = 0, TOP[i] = -INFINITY;
         if (blend) memset(NUM, 0, (size_t)(bpx * (1 + C)) * sizeof(T));
-        for (int64_t r = p->band_off[b]; r < p->band_off[b + 1]; r++) {
-            RUN_SETUP(p, r, f, table);
-            const T *a0 = A + fv[0] * C, *a1 = A + fv[1] * C, *a2 = A + fv[2] * C;
-            for (int64_t i0 = 0; i0 < len; i0 += BLK) {
-                int cnt = (int)(len - i0 < BLK ? len - i0 : BLK);
-                int64_t lp = lp0 + i0;
-                T *s = S + lp, *top = TOP + lp, *den = DEN + lp, px0 = (T)(col0 + i0) + (T)0.5;
-#pragma omp simd
+        int64_t r = p->band_off[b], off = 0;
+        while (FN(next_block)(p, p->band_off[b + 1], base, &r, &off, &blk)) {
+            BLOCK_FACE(p, blk, table, f);
+            int cnt = blk.n;
+            if (!blend) {
+                FN(k_cover)(f, blk.px, blk.py, cnt, scale, r2, sp);
+                for (int i = 0; i < cnt; i++) S[blk.lp[i]] -= sp[i];
+                continue;
+            }
+            for (int i = 0; i < cnt; i++) tg[i] = TOP[blk.lp[i]];
+            FN(k_cover_blend)(f, blk.px, blk.py, cnt, scale, r2, kz, tg, sp, tn, wa, wb, dep, l0, l1, l2);
+            for (int i = 0; i < cnt; i++) {
+                int32_t q = blk.lp[i];
+                S[q] -= sp[i];
+                TOP[q] = tn[i];
+                DEN[q] = DEN[q] * wa[i] + wb[i];
+                NUM[q] = NUM[q] * wa[i] + wb[i] * dep[i];
+            }
+            for (int64_t c = 0; c < C; c++) {
+                T *nc = NUM + (1 + c) * bpx, x0 = A[fv[0] * C + c], x1 = A[fv[1] * C + c], x2 = A[fv[2] * C + c];
                 for (int i = 0; i < cnt; i++) {
-                    FN(Dist) d;
-                    FN(distance)(f, px0 + (T)i, py, scale, r2, &d);
-                    T ax = d.x > 0 ? d.x : -d.x, e = FN(exp_neg)(-ax), L = FN(log1p_01)(e);
-                    s[i] -= d.keep * ((d.x > 0 ? d.x : 0) + L);
-                    if (blend) {
-                        FN(Bary) bb;
-                        FN(bary)(f, &d, &bb);
-                        T lw = d.keep > 0 ? (d.x < 0 ? d.x : 0) - L - bb.depth * kz : -INFINITY;
-                        T tn = top[i] > lw ? top[i] : lw;
-                        int none = tn == -INFINITY;
-                        T ra = none ? 1 : FN(exp_neg)(top[i] - tn), w = none ? 0 : FN(exp_neg)(lw - tn);
-                        top[i] = tn;
-                        den[i] = den[i] * ra + w;
-                        wa[i] = ra, wb[i] = w, dep[i] = bb.depth;
-                        l0[i] = bb.lam[0], l1[i] = bb.lam[1], l2[i] = bb.lam[2];
-                    }
-                }
-                if (!blend) continue;
-                T *num = NUM + lp;
-#pragma omp simd
-                for (int i = 0; i < cnt; i++) num[i] = num[i] * wa[i] + wb[i] * dep[i];
-                for (int64_t c = 0; c < C; c++) {
-                    T *nc = NUM + (1 + c) * bpx + lp, x0 = a0[c], x1 = a1[c], x2 = a2[c];
-#pragma omp simd
-                    for (int i = 0; i < cnt; i++) nc[i] = nc[i] * wa[i] + wb[i] * (l0[i] * x0 + l1[i] * x1 + l2[i] * x2);
+                    int32_t q = blk.lp[i];
+                    nc[q] = nc[q] * wa[i] + wb[i] * (l0[i] * x0 + l1[i] * x1 + l2[i] * x2);
                 }
             }
         }
@@ -367,89 +593,45 @@ static inline __attribute__((always_inline)) int FN(forward)(const Params *p, in
     return 0;
 }
 
-int FN(dr_forward)(const Params *p, int64_t b_lo, int64_t b_hi) {
-    return p->blend ? FN(forward)(p, b_lo, b_hi, 1) : FN(forward)(p, b_lo, b_hi, 0);
-}
-
-/* The tangent of one pair's coverage logit: Danskin's theorem, d(d²) = -2 r·(ds_k + t de_k) with the
-   nearest edge k and its projection parameter t held fixed. */
-static inline T FN(dlogit)(const FN(Dist) *d, const T *dt) {
-    int k = d->k;
-    T tsx = k == 0 ? dt[SX] : (k == 1 ? dt[SX + 1] : dt[SX + 2]);
-    T tsy = k == 0 ? dt[SY] : (k == 1 ? dt[SY + 1] : dt[SY + 2]);
-    T tex = k == 0 ? dt[EX] : (k == 1 ? dt[EX + 1] : dt[EX + 2]);
-    T tey = k == 0 ? dt[EY] : (k == 1 ? dt[EY + 1] : dt[EY + 2]);
-    return d->sg * -2 * (d->rx * (tsx + d->t * tex) + d->ry * (tsy + d->t * tey));
-}
-
-static inline T FN(sigmoid)(T x, T e) { return x >= 0 ? 1 / (1 + e) : e / (1 + e); } /* e = exp(-|x|) */
-
 /* Forward-mode product J·(t_table, t_attrs) over bands [b_lo, b_hi), from the forward's per-pixel state:
    dα = exp(s) Σ_j σ(x_j) dx_j and dO_c = Σ_j ŵ_j (dF_jc + (F_jc - O_c) dlogw_j), ŵ_j the normalized
    weights, F_j = [depth_j, Σ_k λ_jk a_k]. */
-static inline __attribute__((always_inline)) int FN(jvp)(const Params *p, int64_t b_lo, int64_t b_hi,
-                                                         const int blend) {
+int FN(dr_jvp)(const Params *p, int64_t b_lo, int64_t b_hi) {
     const T *table = p->table, *A = p->attrs, *tt = p->t_table, *tA = p->t_attrs, *out = p->out, *state = p->state;
     T *t_alpha = p->t_alpha, *t_out = p->t_out;
     int64_t C = p->C, NP = p->NP, npx = p->band_rows * p->W;
+    int blend = (int)p->blend;
     T scale = (T)p->scale, r2 = (T)p->r2, kz = (T)p->kz, f[ROWS], dt[ROWS];
-    T *buf = malloc((size_t)(npx * (2 + C)) * sizeof(T));
+    T *buf = malloc((size_t)(npx * (2 + C) + BLK * (1 + C)) * sizeof(T));
     if (!buf) return -1;
-    T wh_[BLK], dlw_[BLK], l0[BLK], l1[BLK], l2[BLK], m0[BLK], m1[BLK], m2[BLK];
+    FN(Block) blk;
+    T top[BLK], den[BLK], dsv[BLK], wh_[BLK], dlw_[BLK], l0[BLK], l1[BLK], l2[BLK], m0[BLK], m1[BLK], m2[BLK];
+    T *Og = buf + npx * (2 + C); /* (1 + C) planes of BLK: the block's blended values, then their tangents */
     for (int64_t b = b_lo; b < b_hi; b++) {
         BAND_GEOMETRY(p, b);
         T *DS = buf, *DO = buf + bpx; /* planes of bpx values: dα sums, then dO per channel */
         memset(buf, 0, (size_t)(bpx * (2 + C)) * sizeof(T));
-        for (int64_t r = p->band_off[b]; r < p->band_off[b + 1]; r++) {
-            RUN_SETUP(p, r, f, table);
-            FN(load)(tt + vf * ROWS, dt);
-            const T *a0 = A + fv[0] * C, *a1 = A + fv[1] * C, *a2 = A + fv[2] * C;
-            const T *t0 = tA + fv[0] * C, *t1 = tA + fv[1] * C, *t2 = tA + fv[2] * C;
-            for (int64_t i0 = 0; i0 < len; i0 += BLK) {
-                int cnt = (int)(len - i0 < BLK ? len - i0 : BLK);
-                int64_t lp = lp0 + i0;
-                T *ds = DS + lp, *do0 = DO + lp, px0 = (T)(col0 + i0) + (T)0.5;
-                const T *top = state + NP + base + lp, *den = state + 2 * NP + base + lp, *O = out + (base + lp) * (1 + C);
-#pragma omp simd
+        int64_t r = p->band_off[b], off = 0;
+        while (FN(next_block)(p, p->band_off[b + 1], base, &r, &off, &blk)) {
+            BLOCK_FACE(p, blk, table, f);
+            FN(load)(tt + blk.vf * ROWS, dt);
+            int cnt = blk.n;
+            if (blend)
                 for (int i = 0; i < cnt; i++) {
-                    FN(Dist) d;
-                    FN(distance)(f, px0 + (T)i, py, scale, r2, &d);
-                    T dx_ = d.keep * FN(dlogit)(&d, dt);
-                    T ax = d.x > 0 ? d.x : -d.x, e = FN(exp_neg)(-ax);
-                    ds[i] += FN(sigmoid)(d.x, e) * dx_;
-                    if (blend) {
-                        FN(Bary) bb;
-                        FN(bary)(f, &d, &bb);
-                        T dl[3], du[3], dS = 0, dU = 0;
-                        for (int k = 0; k < 3; k++) {
-                            T dE = dt[EX + k] * d.dy[k] - dt[EY + k] * d.dx[k] - f[EX + k] * dt[SY + k] + f[EY + k] * dt[SX + k];
-                            dl[k] = bb.pos[k] ? dE * f[IA] + d.E[k] * dt[IA] : 0;
-                            dS += dl[k];
-                            du[k] = (dl[k] - bb.u[k] * dt[Z + k]) / f[Z + k];
-                            dU += du[k];
-                        }
-                        T ddepth = (dS - bb.depth * dU) / bb.U;
-                        T lw = (d.x < 0 ? d.x : 0) - FN(log1p_01)(e) - bb.depth * kz;
-                        T wh = d.keep > 0 ? FN(exp_neg)(lw - top[i]) / den[i] : 0;
-                        T dlw = FN(sigmoid)(-d.x, e) * dx_ - ddepth * kz;
-                        do0[i] += wh * (ddepth + (bb.depth - O[i * (1 + C)]) * dlw);
-                        wh_[i] = wh, dlw_[i] = dlw, l0[i] = bb.lam[0], l1[i] = bb.lam[1], l2[i] = bb.lam[2];
-                        m0[i] = (du[0] - bb.lam[0] * dU) / bb.U;
-                        m1[i] = (du[1] - bb.lam[1] * dU) / bb.U;
-                        m2[i] = (du[2] - bb.lam[2] * dU) / bb.U;
-                    }
+                    int64_t q = base + blk.lp[i];
+                    top[i] = state[NP + q], den[i] = state[2 * NP + q];
+                    for (int64_t c = 0; c <= C; c++) Og[c * BLK + i] = out[q * (1 + C) + c];
                 }
-                if (!blend) continue;
-                for (int64_t c = 0; c < C; c++) {
-                    T *dc = DO + (1 + c) * bpx + lp, x0 = a0[c], x1 = a1[c], x2 = a2[c], y0 = t0[c], y1 = t1[c], y2 = t2[c];
-                    const T *Oc = O + 1 + c;
-#pragma omp simd
-                    for (int i = 0; i < cnt; i++) {
-                        T fc = l0[i] * x0 + l1[i] * x1 + l2[i] * x2;
-                        T dfc = m0[i] * x0 + m1[i] * x1 + m2[i] * x2 + l0[i] * y0 + l1[i] * y1 + l2[i] * y2;
-                        dc[i] += wh_[i] * (dfc + (fc - Oc[i * (1 + C)]) * dlw_[i]);
-                    }
-                }
+            FN(k_tangent)(f, dt, blk.px, blk.py, cnt, scale, r2, kz, blend, top, den, Og, dsv, wh_, dlw_, l0, l1, l2,
+                          m0, m1, m2);
+            for (int i = 0; i < cnt; i++) DS[blk.lp[i]] += dsv[i];
+            if (!blend) continue;
+            for (int i = 0; i < cnt; i++) DO[blk.lp[i]] += Og[i];
+            for (int64_t c = 0; c < C; c++) {
+                T *Oc = Og + (1 + c) * BLK, *dc = DO + (1 + c) * bpx;
+                FN(k_tangent_channel)(cnt, wh_, dlw_, l0, l1, l2, m0, m1, m2, A[fv[0] * C + c], A[fv[1] * C + c],
+                                      A[fv[2] * C + c], tA[fv[0] * C + c], tA[fv[1] * C + c], tA[fv[2] * C + c], Oc);
+                for (int i = 0; i < cnt; i++) dc[blk.lp[i]] += Oc[i];
             }
         }
         for (int64_t i = 0; i < bpx; i++) {
@@ -463,122 +645,48 @@ static inline __attribute__((always_inline)) int FN(jvp)(const Params *p, int64_
     return 0;
 }
 
-int FN(dr_jvp)(const Params *p, int64_t b_lo, int64_t b_hi) {
-    return p->blend ? FN(jvp)(p, b_lo, b_hi, 1) : FN(jvp)(p, b_lo, b_hi, 0);
-}
-
 /* Reverse-mode product Jᵀ·(g_alpha, g_out) over bands [b_lo, b_hi), accumulated into g_table (N*F, 19)
-   and g_attrs (V, C) (the caller gives each thread its own). The transpose of dr_jvp; every pair of a
-   run has the same face, so a run's contributions are summed before they are added. */
-static inline __attribute__((always_inline)) int FN(vjp)(const Params *p, int64_t b_lo, int64_t b_hi,
-                                                         const int blend) {
+   and g_attrs (V, C) (the caller gives each thread its own). The transpose of dr_jvp; all pixels of a
+   block share one face, so their contributions are summed before they are added. */
+int FN(dr_vjp)(const Params *p, int64_t b_lo, int64_t b_hi) {
     const T *table = p->table, *A = p->attrs, *ga_ = p->g_alpha, *G = p->g_out, *out = p->out, *state = p->state;
     T *gt = p->g_table, *gA = p->g_attrs;
     int64_t C = p->C, NP = p->NP, npx = p->band_rows * p->W;
-    T scale = (T)p->scale, r2 = (T)p->r2, kz = (T)p->kz, f[ROWS];
-    T *GA = malloc((size_t)npx * sizeof(T));
-    if (!GA) return -1;
-    T wh_[BLK], gw_[BLK], l0[BLK], l1[BLK], l2[BLK], g0[BLK], g1[BLK], g2[BLK];
+    int blend = (int)p->blend;
+    T scale = (T)p->scale, r2 = (T)p->r2, kz = (T)p->kz, f[ROWS], acc[ROWS], s3[3];
+    T *buf = malloc((size_t)(npx + 2 * BLK * (1 + C)) * sizeof(T));
+    if (!buf) return -1;
+    T *GA = buf, *Og = buf + npx, *Gg = Og + BLK * (1 + C); /* block planes: blended values, their cotangents */
+    FN(Block) blk;
+    T ga[BLK], top[BLK], den[BLK], wh_[BLK], gw_[BLK], l0[BLK], l1[BLK], l2[BLK], g0[BLK], g1[BLK], g2[BLK];
     for (int64_t b = b_lo; b < b_hi; b++) {
         BAND_GEOMETRY(p, b);
         for (int64_t i = 0; i < bpx; i++) GA[i] = (T)((double)ga_[base + i] * exp((double)state[base + i]));
-        for (int64_t r = p->band_off[b]; r < p->band_off[b + 1]; r++) {
-            RUN_SETUP(p, r, f, table);
-            const T *a0 = A + fv[0] * C, *a1 = A + fv[1] * C, *a2 = A + fv[2] * C;
-            T acc[ROWS] = {0};
-            for (int64_t i0 = 0; i0 < len; i0 += BLK) {
-                int cnt = (int)(len - i0 < BLK ? len - i0 : BLK);
-                int64_t lp = lp0 + i0;
-                const T *top = state + NP + base + lp, *den = state + 2 * NP + base + lp;
-                const T *O = out + (base + lp) * (1 + C), *Gq = G + (base + lp) * (1 + C), *ga = GA + lp;
-                T px0 = (T)(col0 + i0) + (T)0.5;
-                if (blend) {
-                    /* pass 1: weights and barycentrics; ∂L/∂logw_j starts with the depth channel */
-#pragma omp simd
-                    for (int i = 0; i < cnt; i++) {
-                        FN(Dist) d;
-                        FN(distance)(f, px0 + (T)i, py, scale, r2, &d);
-                        FN(Bary) bb;
-                        FN(bary)(f, &d, &bb);
-                        T ax = d.x > 0 ? d.x : -d.x, e = FN(exp_neg)(-ax);
-                        T lw = (d.x < 0 ? d.x : 0) - FN(log1p_01)(e) - bb.depth * kz;
-                        T wh = d.keep > 0 ? FN(exp_neg)(lw - top[i]) / den[i] : 0;
-                        wh_[i] = wh, l0[i] = bb.lam[0], l1[i] = bb.lam[1], l2[i] = bb.lam[2];
-                        gw_[i] = Gq[i * (1 + C)] * (bb.depth - O[i * (1 + C)]);
-                        g0[i] = g1[i] = g2[i] = 0;
-                    }
-                    /* pass 2, per attribute channel: ∂L/∂a_k (summed over the run), ∂L/∂λ_k, ∂L/∂logw */
-                    for (int64_t c = 0; c < C; c++) {
-                        T x0 = a0[c], x1 = a1[c], x2 = a2[c], s0 = 0, s1 = 0, s2 = 0;
-                        const T *Gc = Gq + 1 + c, *Oc = O + 1 + c;
-#pragma omp simd reduction(+ : s0, s1, s2)
-                        for (int i = 0; i < cnt; i++) {
-                            T gf = wh_[i] * Gc[i * (1 + C)];
-                            gw_[i] += Gc[i * (1 + C)] * (l0[i] * x0 + l1[i] * x1 + l2[i] * x2 - Oc[i * (1 + C)]);
-                            g0[i] += gf * x0, g1[i] += gf * x1, g2[i] += gf * x2;
-                            s0 += l0[i] * gf, s1 += l1[i] * gf, s2 += l2[i] * gf;
-                        }
-                        gA[fv[0] * C + c] += s0, gA[fv[1] * C + c] += s1, gA[fv[2] * C + c] += s2;
-                    }
-                }
-                /* pass 3: back through barycentrics and the distance into the face's table row */
-                T s_sx0 = 0, s_sx1 = 0, s_sx2 = 0, s_sy0 = 0, s_sy1 = 0, s_sy2 = 0, s_ex0 = 0, s_ex1 = 0, s_ex2 = 0;
-                T s_ey0 = 0, s_ey1 = 0, s_ey2 = 0, s_z0 = 0, s_z1 = 0, s_z2 = 0, s_ia = 0;
-#pragma omp simd reduction(+ : s_sx0, s_sx1, s_sx2, s_sy0, s_sy1, s_sy2, s_ex0, s_ex1, s_ex2, s_ey0, s_ey1, s_ey2, \
-                               s_z0, s_z1, s_z2, s_ia)
+        int64_t r = p->band_off[b], off = 0;
+        while (FN(next_block)(p, p->band_off[b + 1], base, &r, &off, &blk)) {
+            BLOCK_FACE(p, blk, table, f);
+            int cnt = blk.n;
+            for (int i = 0; i < cnt; i++) ga[i] = GA[blk.lp[i]];
+            if (blend) {
                 for (int i = 0; i < cnt; i++) {
-                    FN(Dist) d;
-                    FN(distance)(f, px0 + (T)i, py, scale, r2, &d);
-                    T ax = d.x > 0 ? d.x : -d.x, e = FN(exp_neg)(-ax);
-                    T gx = d.keep * ga[i] * FN(sigmoid)(d.x, e);
-                    T gE0 = 0, gE1 = 0, gE2 = 0, gz0 = 0, gz1 = 0, gz2 = 0, gia = 0;
-                    if (blend) {
-                        FN(Bary) bb;
-                        FN(bary)(f, &d, &bb);
-                        T wh = wh_[i], glw = wh * gw_[i];
-                        T gdepth = wh * Gq[i * (1 + C)] - glw * kz;
-                        gx += d.keep * FN(sigmoid)(-d.x, e) * glw;
-                        T dot = g0[i] * bb.lam[0] + g1[i] * bb.lam[1] + g2[i] * bb.lam[2], gSum = gdepth / bb.U;
-                        T gu0 = (g0[i] - dot - gdepth * bb.depth) / bb.U, gu1 = (g1[i] - dot - gdepth * bb.depth) / bb.U;
-                        T gu2 = (g2[i] - dot - gdepth * bb.depth) / bb.U;
-                        gz0 = -gu0 * bb.u[0] / f[Z], gz1 = -gu1 * bb.u[1] / f[Z + 1], gz2 = -gu2 * bb.u[2] / f[Z + 2];
-                        T gb0 = bb.pos[0] ? gu0 / f[Z] + gSum : 0, gb1 = bb.pos[1] ? gu1 / f[Z + 1] + gSum : 0;
-                        T gb2 = bb.pos[2] ? gu2 / f[Z + 2] + gSum : 0;
-                        gia = gb0 * d.E[0] + gb1 * d.E[1] + gb2 * d.E[2];
-                        gE0 = gb0 * f[IA], gE1 = gb1 * f[IA], gE2 = gb2 * f[IA];
-                    }
-                    /* E_k = ex·(py - sy) - ey·(px - sx) */
-                    T c2 = -2 * gx * d.sg;
-                    T dsx0 = gE0 * f[EY], dsx1 = gE1 * f[EY + 1], dsx2 = gE2 * f[EY + 2];
-                    T dsy0 = -gE0 * f[EX], dsy1 = -gE1 * f[EX + 1], dsy2 = -gE2 * f[EX + 2];
-                    T dex0 = gE0 * d.dy[0], dex1 = gE1 * d.dy[1], dex2 = gE2 * d.dy[2];
-                    T dey0 = -gE0 * d.dx[0], dey1 = -gE1 * d.dx[1], dey2 = -gE2 * d.dx[2];
-                    T hx = c2 * d.rx, hy = c2 * d.ry;
-                    int k = d.k;
-                    s_sx0 += dsx0 + (k == 0 ? hx : 0), s_sx1 += dsx1 + (k == 1 ? hx : 0), s_sx2 += dsx2 + (k == 2 ? hx : 0);
-                    s_sy0 += dsy0 + (k == 0 ? hy : 0), s_sy1 += dsy1 + (k == 1 ? hy : 0), s_sy2 += dsy2 + (k == 2 ? hy : 0);
-                    s_ex0 += dex0 + (k == 0 ? d.t * hx : 0), s_ex1 += dex1 + (k == 1 ? d.t * hx : 0);
-                    s_ex2 += dex2 + (k == 2 ? d.t * hx : 0);
-                    s_ey0 += dey0 + (k == 0 ? d.t * hy : 0), s_ey1 += dey1 + (k == 1 ? d.t * hy : 0);
-                    s_ey2 += dey2 + (k == 2 ? d.t * hy : 0);
-                    s_z0 += gz0, s_z1 += gz1, s_z2 += gz2, s_ia += gia;
+                    int64_t q = base + blk.lp[i];
+                    top[i] = state[NP + q], den[i] = state[2 * NP + q], g0[i] = g1[i] = g2[i] = 0;
+                    for (int64_t c = 0; c <= C; c++) Og[c * BLK + i] = out[q * (1 + C) + c], Gg[c * BLK + i] = G[q * (1 + C) + c];
                 }
-                acc[SX] += s_sx0, acc[SX + 1] += s_sx1, acc[SX + 2] += s_sx2;
-                acc[SY] += s_sy0, acc[SY + 1] += s_sy1, acc[SY + 2] += s_sy2;
-                acc[EX] += s_ex0, acc[EX + 1] += s_ex1, acc[EX + 2] += s_ex2;
-                acc[EY] += s_ey0, acc[EY + 1] += s_ey1, acc[EY + 2] += s_ey2;
-                acc[Z] += s_z0, acc[Z + 1] += s_z1, acc[Z + 2] += s_z2, acc[IA] += s_ia;
+                FN(k_weights)(f, blk.px, blk.py, cnt, scale, r2, kz, top, den, Gg, Og, wh_, gw_, l0, l1, l2);
+                for (int64_t c = 0; c < C; c++) {
+                    FN(k_adjoint_channel)(cnt, wh_, l0, l1, l2, Gg + (1 + c) * BLK, Og + (1 + c) * BLK, A[fv[0] * C + c],
+                                          A[fv[1] * C + c], A[fv[2] * C + c], gw_, g0, g1, g2, s3);
+                    gA[fv[0] * C + c] += s3[0], gA[fv[1] * C + c] += s3[1], gA[fv[2] * C + c] += s3[2];
+                }
             }
-            T *g = gt + vf * ROWS;
-            for (int i = 0; i < ROWS; i++) g[i] += acc[i];
+            FN(k_adjoint)(f, blk.px, blk.py, cnt, scale, r2, kz, blend, ga, wh_, gw_, Gg, g0, g1, g2, acc);
+            T *g = gt + blk.vf * ROWS;
+            for (int k = 0; k < ROWS; k++) g[k] += (k >= IL && k < Z) ? 0 : acc[k];
         }
     }
-    free(GA);
+    free(buf);
     return 0;
-}
-
-int FN(dr_vjp)(const Params *p, int64_t b_lo, int64_t b_hi) {
-    return p->blend ? FN(vjp)(p, b_lo, b_hi, 1) : FN(vjp)(p, b_lo, b_hi, 0);
 }
 
 #endif
