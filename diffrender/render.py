@@ -251,16 +251,15 @@ def _sweep_native(xy: Tensor, z: Tensor, verts: Tensor, faces: Tensor, camera: C
                   settings: RenderSettings, colors: Tensor | None, lit: bool, shaded: bool) -> tuple[Tensor, Tensor]:
     """α (N*H*W,) and blended [depth, albedo, normal] (N*H*W, 1 + C) with the compiled sweep (raster/fused.py)."""
     h, w = camera.height, camera.width
-    rows = face_rows(xy, z, faces)[0]
     if colors is not None:
         attrs = torch.cat([colors, vertex_normals(verts, faces)], -1) if lit else colors
     else:
-        attrs = rows.new_zeros(verts.shape[0], 0)
+        attrs = xy.new_zeros(verts.shape[0], 0)
     spec = fused.SweepSpec(faces.contiguous(), pairs.runs, pairs.band_off, pairs.band_pairs,
                            (camera.num_views * h * w, faces.shape[0], h, w, int(shaded), pairs.band_rows),
                            (settings.ndc_per_px(h, w) ** 2 / settings.sigma, settings.cutoff_px(h, w) ** 2,
                             1 / ((camera.far - camera.near) * settings.gamma)))
-    return fused.sweep(rows, attrs.to(rows.dtype), spec)
+    return fused.sweep(xy, z, attrs.to(xy.dtype), spec)
 
 
 def _sweep_torch(xy: Tensor, z: Tensor, verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs,

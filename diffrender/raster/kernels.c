@@ -26,22 +26,22 @@ enum { SX = 0, SY = 3, EX = 6, EY = 9, IL = 12, Z = 15, IA = 18 };
 
 /* Everything a sweep needs; data pointers are float or double depending on the function suffix. */
 typedef struct {
-    const void *table;        /* (N*F, 19) */
+    const void *xy, *z;       /* (N, V, 2) pixel coordinates and (N, V) depths of the vertices */
     const void *attrs;        /* (V, C) per-vertex attributes blended after the depth (C may be 0) */
     const int64_t *faces;     /* (F, 3) */
     const int64_t *runs;      /* (R, 3): view_face, first pixel (flat over N*H*W), length */
     const int64_t *band_off;  /* (NB + 1): runs of band b are band_off[b] .. band_off[b+1] - 1 */
-    int64_t NP, F, H, W, C, blend, band_rows; /* NP = N*H*W */
+    int64_t NP, V, F, H, W, C, blend, band_rows; /* NP = N*H*W */
     double scale;             /* ndc_per_px² / σ: coverage logit x = ±scale · d²(px) */
     double r2;                /* squared cutoff radius (px²): farther pairs contribute exactly nothing */
     double kz;                /* 1 / ((far - near) γ): log-weight = log sigmoid(x) - depth · kz (+ const) */
     void *alpha;              /* (N*H*W) */
     void *out;                /* (N*H*W, 1 + C): blended depth, then attributes */
     void *state;              /* (3, N*H*W): Σ log(1 - D), max log-weight, Σ weights (relative to the max) */
-    const void *t_table, *t_attrs;  /* J: tangents in */
-    void *t_alpha, *t_out;          /*    tangents out */
-    const void *g_alpha, *g_out;    /* Jᵀ: cotangents in */
-    void *g_table, *g_attrs;        /*     accumulated into (a thread-private buffer each) */
+    const void *t_xy, *t_z, *t_attrs; /* J: tangents in */
+    void *t_alpha, *t_out;            /*    tangents out */
+    const void *g_alpha, *g_out;      /* Jᵀ: cotangents in */
+    void *g_xy, *g_z, *g_attrs;       /*     accumulated into (a thread-private buffer each) */
 } Params;
 
 /* The row intervals of pixels whose centers lie within radius R of a triangle (or inside it): the
@@ -242,8 +242,58 @@ static inline void FN(bary)(const T *f, const FN(Dist) *d, FN(Bary) *b) {
     b->depth = b->S / b->U;
 }
 
-static inline void FN(load)(const T *src, T *dst) {
-    for (int i = 0; i < ROWS; i++) dst[i] = src[i];
+/* The table row of view-face (n, f) from the vertices, exactly as raster/geometry.py's face_rows: edge
+   starts s_k = v_{k+1}, edges e_k = v_{k+2} - v_{k+1}, il_k = 1/|e_k|², depths, ia = 1/(2·area) (1 for
+   degenerate edges and faces, which the search drops). tiny = sqrt(smallest normal number). */
+#define TINY (sizeof(T) == 4 ? (T)1.0842022e-19 : (T)1.4916681462400413e-154)
+static inline int FN(real_area)(const T *f) { /* whether ia is 1/(2·area), not the stand-in 1 */
+    T area2 = f[EX + 1] * f[EY + 2] - f[EY + 1] * f[EX + 2];
+    return (area2 > 0 ? area2 : -area2) > TINY;
+}
+
+static inline void FN(face_row)(const T *xy, const T *z, const int64_t *fv, int64_t n, int64_t V, T *f) {
+    const T tiny = TINY;
+    const T *v[3] = {xy + 2 * (n * V + fv[0]), xy + 2 * (n * V + fv[1]), xy + 2 * (n * V + fv[2])};
+    for (int k = 0; k < 3; k++) {
+        const T *s = v[(k + 1) % 3], *e = v[(k + 2) % 3];
+        f[SX + k] = s[0], f[SY + k] = s[1], f[EX + k] = e[0] - s[0], f[EY + k] = e[1] - s[1];
+        T len2 = f[EX + k] * f[EX + k] + f[EY + k] * f[EY + k];
+        f[IL + k] = 1 / (len2 > tiny ? len2 : 1);
+        f[Z + k] = z[n * V + fv[k]];
+    }
+    T area2 = f[EX + 1] * f[EY + 2] - f[EY + 1] * f[EX + 2];
+    f[IA] = 1 / ((area2 > 0 ? area2 : -area2) > tiny ? area2 : 1);
+}
+
+/* Its tangent from vertex tangents (t_xy, t_z), given the row f itself; il carries no derivative (see
+   raster/geometry.py's distance2). */
+static inline void FN(face_row_tangent)(const T *t_xy, const T *t_z, const int64_t *fv, int64_t n, int64_t V,
+                                        const T *f, T *dt) {
+    const T *v[3] = {t_xy + 2 * (n * V + fv[0]), t_xy + 2 * (n * V + fv[1]), t_xy + 2 * (n * V + fv[2])};
+    for (int k = 0; k < 3; k++) {
+        const T *s = v[(k + 1) % 3], *e = v[(k + 2) % 3];
+        dt[SX + k] = s[0], dt[SY + k] = s[1], dt[EX + k] = e[0] - s[0], dt[EY + k] = e[1] - s[1], dt[IL + k] = 0;
+        dt[Z + k] = t_z[n * V + fv[k]];
+    }
+    T darea2 = dt[EX + 1] * f[EY + 2] + f[EX + 1] * dt[EY + 2] - dt[EY + 1] * f[EX + 2] - f[EY + 1] * dt[EX + 2];
+    dt[IA] = FN(real_area)(f) ? -f[IA] * f[IA] * darea2 : 0;
+}
+
+/* The transpose: adds the cotangent g of a table row to the vertices (g_xy, g_z). */
+static inline void FN(face_row_adjoint)(const T *g, const int64_t *fv, int64_t n, int64_t V, const T *f, T *g_xy,
+                                        T *g_z) {
+    T ge[3][2];
+    for (int k = 0; k < 3; k++) ge[k][0] = g[EX + k], ge[k][1] = g[EY + k];
+    if (FN(real_area)(f)) {
+        T ga = -f[IA] * f[IA] * g[IA];
+        ge[1][0] += ga * f[EY + 2], ge[2][1] += ga * f[EX + 1], ge[1][1] -= ga * f[EX + 2], ge[2][0] -= ga * f[EY + 1];
+    }
+    for (int k = 0; k < 3; k++) {
+        T *s = g_xy + 2 * (n * V + fv[(k + 1) % 3]), *e = g_xy + 2 * (n * V + fv[(k + 2) % 3]);
+        s[0] += g[SX + k] - ge[k][0], s[1] += g[SY + k] - ge[k][1];
+        e[0] += ge[k][0], e[1] += ge[k][1];
+        g_z[n * V + fv[k]] += g[Z + k];
+    }
 }
 
 /* Pair search over bands [b_lo, b_hi). band_faces[band_off[b] ..] (ascending) are the view-faces whose
@@ -322,12 +372,12 @@ static inline int FN(next_block)(const Params *p, int64_t r_end, int64_t base, i
     return 1;
 }
 
-/* Per-block face constants: table row (with the band's first row folded into the y coordinates, so that
-   pixel centers can stay band-local and small), attribute rows of the three vertices. */
-#define BLOCK_FACE(p, blk, tab, f)                                                                  \
-    FN(load)((tab) + (blk).vf * ROWS, f);                                                           \
-    for (int k_ = 0; k_ < 3; k_++) f[SY + k_] -= (T)rlo;                                            \
-    const int64_t *fv = (p)->faces + 3 * ((blk).vf - n * (p)->F)
+/* Per-block face: its vertex indices fv and table row f, with the band's first row folded into the y
+   coordinates (pixel centers stay band-local and small). */
+#define BLOCK_FACE(p, blk, f)                                                                       \
+    const int64_t *fv = (p)->faces + 3 * ((blk).vf - n * (p)->F);                                   \
+    FN(face_row)((p)->xy, (p)->z, fv, n, (p)->V, f);                                                \
+    for (int k_ = 0; k_ < 3; k_++) f[SY + k_] -= (T)rlo
 
 /* The per-block vector loops, each in a function of its own over restrict-qualified block arrays, which
    is what lets the compiler vectorize them: f is the face's table row, px/py the block's pixel centers. */
@@ -539,7 +589,7 @@ KERNEL FN(k_adjoint)(const T R_ f_, const T R_ px, const T R_ py, int cnt, T sca
    (z̃/γ up to a constant, which the normalized blend ignores), accumulated online per pixel: the running
    maximum is subtracted, as in raster/soft.py's blend. Returns -1 if scratch memory ran out. */
 int FN(dr_forward)(const Params *p, int64_t b_lo, int64_t b_hi) {
-    const T *table = p->table, *A = p->attrs;
+    const T *A = p->attrs;
     T *alpha = p->alpha, *out = p->out, *state = p->state;
     int64_t C = p->C, NP = p->NP, npx = p->band_rows * p->W;
     int blend = (int)p->blend;
@@ -555,7 +605,7 @@ int FN(dr_forward)(const Params *p, int64_t b_lo, int64_t b_hi) {
         if (blend) memset(NUM, 0, (size_t)(bpx * (1 + C)) * sizeof(T));
         int64_t r = p->band_off[b], off = 0;
         while (FN(next_block)(p, p->band_off[b + 1], base, &r, &off, &blk)) {
-            BLOCK_FACE(p, blk, table, f);
+            BLOCK_FACE(p, blk, f);
             int cnt = blk.n;
             if (!blend) {
                 FN(k_cover)(f, blk.px, blk.py, cnt, scale, r2, sp);
@@ -593,11 +643,11 @@ int FN(dr_forward)(const Params *p, int64_t b_lo, int64_t b_hi) {
     return 0;
 }
 
-/* Forward-mode product J·(t_table, t_attrs) over bands [b_lo, b_hi), from the forward's per-pixel state:
+/* Forward-mode product J·(t_xy, t_z, t_attrs) over bands [b_lo, b_hi), from the forward's per-pixel state:
    dα = exp(s) Σ_j σ(x_j) dx_j and dO_c = Σ_j ŵ_j (dF_jc + (F_jc - O_c) dlogw_j), ŵ_j the normalized
    weights, F_j = [depth_j, Σ_k λ_jk a_k]. */
 int FN(dr_jvp)(const Params *p, int64_t b_lo, int64_t b_hi) {
-    const T *table = p->table, *A = p->attrs, *tt = p->t_table, *tA = p->t_attrs, *out = p->out, *state = p->state;
+    const T *A = p->attrs, *tA = p->t_attrs, *out = p->out, *state = p->state;
     T *t_alpha = p->t_alpha, *t_out = p->t_out;
     int64_t C = p->C, NP = p->NP, npx = p->band_rows * p->W;
     int blend = (int)p->blend;
@@ -613,8 +663,8 @@ int FN(dr_jvp)(const Params *p, int64_t b_lo, int64_t b_hi) {
         memset(buf, 0, (size_t)(bpx * (2 + C)) * sizeof(T));
         int64_t r = p->band_off[b], off = 0;
         while (FN(next_block)(p, p->band_off[b + 1], base, &r, &off, &blk)) {
-            BLOCK_FACE(p, blk, table, f);
-            FN(load)(tt + blk.vf * ROWS, dt);
+            BLOCK_FACE(p, blk, f);
+            FN(face_row_tangent)(p->t_xy, p->t_z, fv, n, p->V, f, dt);
             int cnt = blk.n;
             if (blend)
                 for (int i = 0; i < cnt; i++) {
@@ -645,12 +695,12 @@ int FN(dr_jvp)(const Params *p, int64_t b_lo, int64_t b_hi) {
     return 0;
 }
 
-/* Reverse-mode product Jᵀ·(g_alpha, g_out) over bands [b_lo, b_hi), accumulated into g_table (N*F, 19)
-   and g_attrs (V, C) (the caller gives each thread its own). The transpose of dr_jvp; all pixels of a
+/* Reverse-mode product Jᵀ·(g_alpha, g_out) over bands [b_lo, b_hi), accumulated into g_xy (N, V, 2), g_z
+   (N, V) and g_attrs (V, C) (the caller gives each thread its own). The transpose of dr_jvp; all pixels of a
    block share one face, so their contributions are summed before they are added. */
 int FN(dr_vjp)(const Params *p, int64_t b_lo, int64_t b_hi) {
-    const T *table = p->table, *A = p->attrs, *ga_ = p->g_alpha, *G = p->g_out, *out = p->out, *state = p->state;
-    T *gt = p->g_table, *gA = p->g_attrs;
+    const T *A = p->attrs, *ga_ = p->g_alpha, *G = p->g_out, *out = p->out, *state = p->state;
+    T *gA = p->g_attrs;
     int64_t C = p->C, NP = p->NP, npx = p->band_rows * p->W;
     int blend = (int)p->blend;
     T scale = (T)p->scale, r2 = (T)p->r2, kz = (T)p->kz, f[ROWS], acc[ROWS], s3[3];
@@ -664,7 +714,7 @@ int FN(dr_vjp)(const Params *p, int64_t b_lo, int64_t b_hi) {
         for (int64_t i = 0; i < bpx; i++) GA[i] = (T)((double)ga_[base + i] * exp((double)state[base + i]));
         int64_t r = p->band_off[b], off = 0;
         while (FN(next_block)(p, p->band_off[b + 1], base, &r, &off, &blk)) {
-            BLOCK_FACE(p, blk, table, f);
+            BLOCK_FACE(p, blk, f);
             int cnt = blk.n;
             for (int i = 0; i < cnt; i++) ga[i] = GA[blk.lp[i]];
             if (blend) {
@@ -681,8 +731,7 @@ int FN(dr_vjp)(const Params *p, int64_t b_lo, int64_t b_hi) {
                 }
             }
             FN(k_adjoint)(f, blk.px, blk.py, cnt, scale, r2, kz, blend, ga, wh_, gw_, Gg, g0, g1, g2, acc);
-            T *g = gt + blk.vf * ROWS;
-            for (int k = 0; k < ROWS; k++) g[k] += (k >= IL && k < Z) ? 0 : acc[k];
+            FN(face_row_adjoint)(acc, fv, n, p->V, f, p->g_xy, p->g_z);
         }
     }
     free(buf);

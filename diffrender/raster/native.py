@@ -42,11 +42,11 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
 class _Params(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in ("table", "attrs", "faces", "runs", "band_off")] + \
-        [(name, ctypes.c_int64) for name in ("NP", "F", "H", "W", "C", "blend", "band_rows")] + \
+    _fields_ = [(name, ctypes.c_void_p) for name in ("xy", "z", "attrs", "faces", "runs", "band_off")] + \
+        [(name, ctypes.c_int64) for name in ("NP", "V", "F", "H", "W", "C", "blend", "band_rows")] + \
         [(name, ctypes.c_double) for name in ("scale", "r2", "kz")] + \
-        [(name, ctypes.c_void_p) for name in ("alpha", "out", "state", "t_table", "t_attrs", "t_alpha", "t_out",
-                                              "g_alpha", "g_out", "g_table", "g_attrs")]
+        [(name, ctypes.c_void_p) for name in ("alpha", "out", "state", "t_xy", "t_z", "t_attrs", "t_alpha", "t_out",
+                                              "g_alpha", "g_out", "g_xy", "g_z", "g_attrs")]
 
 
 def _cache_dir() -> Path:
@@ -240,11 +240,12 @@ def find_runs(table: Tensor, valid: Tensor, num_views: int, num_faces: int, heig
 # ---------------------------------------------------------------- the fused sweep: forward, J, Jᵀ
 
 
-def _params(table: Tensor, attrs: Tensor, faces: Tensor, runs: Tensor, band_off: Tensor, dims: Sequence[int],
-            consts: Sequence[float], **tensors: Tensor | None) -> _Params:
+def _params(xy: Tensor, z: Tensor, attrs: Tensor, faces: Tensor, runs: Tensor, band_off: Tensor,
+            dims: Sequence[int], consts: Sequence[float], **tensors: Tensor | None) -> _Params:
     npix, f, h, w, blend, band_rows = dims
-    prm = _Params(table=_ptr(table), attrs=_ptr(attrs), faces=_ptr(faces), runs=_ptr(runs), band_off=_ptr(band_off),
-                  NP=npix, F=f, H=h, W=w, C=attrs.shape[1], blend=blend, band_rows=band_rows)
+    prm = _Params(xy=_ptr(xy), z=_ptr(z), attrs=_ptr(attrs), faces=_ptr(faces), runs=_ptr(runs),
+                  band_off=_ptr(band_off), NP=npix, V=z.shape[1], F=f, H=h, W=w, C=attrs.shape[1], blend=blend,
+                  band_rows=band_rows)
     prm.scale, prm.r2, prm.kz = consts
     for name, t in tensors.items():
         setattr(prm, name, _ptr(t))
@@ -274,68 +275,72 @@ def _contig(*ts: Tensor) -> list[Tensor]:
     return [t.contiguous() for t in ts]
 
 
-@torch.library.custom_op("diffrender::sweep_forward", mutates_args=())
-def sweep_forward(table: Tensor, attrs: Tensor, faces: Tensor, runs: Tensor, band_off: Tensor, band_pairs: Tensor,
-                  dims: list[int], consts: list[float]) -> tuple[Tensor, Tensor, Tensor]:
-    """α (NP,), blended (NP, 1 + C) (NP, 0 without blending), per-pixel state (3, NP) of a forward sweep.
+# The three sweeps. dims: N*H*W, F, H, W, blend (0/1), band_rows; consts: scale, r2, kz (kernels.c's Params).
+# xy: (N, V, 2) pixel coordinates and z: (N, V) depths of the vertices; attrs: (V, C); faces: (F, 3);
+# runs, band_off, band_pairs: the pairs (raster/coverage.py's Pairs).
 
-    dims: NP, F, H, W, blend, band_rows; consts: scale, r2, kz (see kernels.c's Params).
-    """
-    table, attrs, faces, runs = _contig(table, attrs, faces, runs)
+
+@torch.library.custom_op("diffrender::sweep_forward", mutates_args=())
+def sweep_forward(xy: Tensor, z: Tensor, attrs: Tensor, faces: Tensor, runs: Tensor, band_off: Tensor,
+                  band_pairs: Tensor, dims: list[int], consts: list[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """α (NP,), blended (NP, 1 + C) (NP, 0 without blending) and per-pixel state (3, NP)."""
+    xy, z, attrs, faces, runs = _contig(xy, z, attrs, faces, runs)
     npix, blend = dims[0], dims[4]
-    alpha = torch.empty(npix, dtype=table.dtype)
-    out = torch.empty(npix, (1 + attrs.shape[1]) if blend else 0, dtype=table.dtype)
-    state = torch.empty(3, npix, dtype=table.dtype)
-    _sweep("forward", table.dtype, band_pairs,
-           lambda i: _params(table, attrs, faces, runs, band_off, dims, consts, alpha=alpha, out=out, state=state))
+    alpha = torch.empty(npix, dtype=xy.dtype)
+    out = torch.empty(npix, (1 + attrs.shape[1]) if blend else 0, dtype=xy.dtype)
+    state = torch.empty(3, npix, dtype=xy.dtype)
+    _sweep("forward", xy.dtype, band_pairs,
+           lambda i: _params(xy, z, attrs, faces, runs, band_off, dims, consts, alpha=alpha, out=out, state=state))
     return alpha, out, state
 
 
 @sweep_forward.register_fake
-def _(table, attrs, faces, runs, band_off, band_pairs, dims, consts):
+def _(xy, z, attrs, faces, runs, band_off, band_pairs, dims, consts):
     npix, blend = dims[0], dims[4]
-    return (table.new_empty(npix), table.new_empty(npix, (1 + attrs.shape[1]) if blend else 0),
-            table.new_empty(3, npix))
+    return (xy.new_empty(npix), xy.new_empty(npix, (1 + attrs.shape[1]) if blend else 0), xy.new_empty(3, npix))
 
 
 @torch.library.custom_op("diffrender::sweep_jvp", mutates_args=())
-def sweep_jvp(t_table: Tensor, t_attrs: Tensor, table: Tensor, attrs: Tensor, out: Tensor, state: Tensor,
-              faces: Tensor, runs: Tensor, band_off: Tensor, band_pairs: Tensor, dims: list[int],
+def sweep_jvp(t_xy: Tensor, t_z: Tensor, t_attrs: Tensor, xy: Tensor, z: Tensor, attrs: Tensor, out: Tensor,
+              state: Tensor, faces: Tensor, runs: Tensor, band_off: Tensor, band_pairs: Tensor, dims: list[int],
               consts: list[float]) -> tuple[Tensor, Tensor]:
-    """J·(t_table, t_attrs) at the forward's point: tangents of α (NP,) and of the blended values."""
-    t_table, t_attrs, table, attrs, out, state, faces, runs = _contig(t_table, t_attrs, table, attrs, out, state,
-                                                                      faces, runs)
-    t_alpha, t_out = torch.empty(dims[0], dtype=table.dtype), torch.empty_like(out)
-    _sweep("jvp", table.dtype, band_pairs,
-           lambda i: _params(table, attrs, faces, runs, band_off, dims, consts, out=out, state=state, t_table=t_table,
-                             t_attrs=t_attrs, t_alpha=t_alpha, t_out=t_out))
+    """J·(t_xy, t_z, t_attrs) at the forward's point: tangents of α (NP,) and of the blended values."""
+    t_xy, t_z, t_attrs, xy, z, attrs, out, state, faces, runs = _contig(t_xy, t_z, t_attrs, xy, z, attrs, out, state,
+                                                                        faces, runs)
+    t_alpha, t_out = torch.empty(dims[0], dtype=xy.dtype), torch.empty_like(out)
+    _sweep("jvp", xy.dtype, band_pairs,
+           lambda i: _params(xy, z, attrs, faces, runs, band_off, dims, consts, out=out, state=state, t_xy=t_xy,
+                             t_z=t_z, t_attrs=t_attrs, t_alpha=t_alpha, t_out=t_out))
     return t_alpha, t_out
 
 
 @sweep_jvp.register_fake
-def _(t_table, t_attrs, table, attrs, out, state, faces, runs, band_off, band_pairs, dims, consts):
-    return table.new_empty(dims[0]), torch.empty_like(out)
+def _(t_xy, t_z, t_attrs, xy, z, attrs, out, state, faces, runs, band_off, band_pairs, dims, consts):
+    return xy.new_empty(dims[0]), torch.empty_like(out)
 
 
 @torch.library.custom_op("diffrender::sweep_vjp", mutates_args=())
-def sweep_vjp(g_alpha: Tensor, g_out: Tensor, table: Tensor, attrs: Tensor, out: Tensor, state: Tensor,
+def sweep_vjp(g_alpha: Tensor, g_out: Tensor, xy: Tensor, z: Tensor, attrs: Tensor, out: Tensor, state: Tensor,
               faces: Tensor, runs: Tensor, band_off: Tensor, band_pairs: Tensor, dims: list[int],
-              consts: list[float]) -> tuple[Tensor, Tensor]:
-    """Jᵀ·(g_alpha, g_out) at the forward's point: cotangents of the table (N*F, 19) and attributes (V, C)."""
-    g_alpha, g_out, table, attrs, out, state, faces, runs = _contig(g_alpha, g_out, table, attrs, out, state, faces,
+              consts: list[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Jᵀ·(g_alpha, g_out) at the forward's point: cotangents of xy (N, V, 2), z (N, V), attrs (V, C)."""
+    g_alpha, g_out, xy, z, attrs, out, state, faces, runs = _contig(g_alpha, g_out, xy, z, attrs, out, state, faces,
                                                                     runs)
     parts = len(_split(band_pairs, torch.get_num_threads())) - 1
-    g_table = torch.zeros(parts, *table.shape, dtype=table.dtype)
-    g_attrs = torch.zeros(parts, *attrs.shape, dtype=table.dtype)
-    _sweep("vjp", table.dtype, band_pairs,
-           lambda i: _params(table, attrs, faces, runs, band_off, dims, consts, out=out, state=state, g_alpha=g_alpha,
-                             g_out=g_out, g_table=g_table[i], g_attrs=g_attrs[i]))
-    return (g_table.sum(0), g_attrs.sum(0)) if parts > 1 else (g_table[0], g_attrs[0])
+    g_xy = torch.zeros(parts, *xy.shape, dtype=xy.dtype)
+    g_z = torch.zeros(parts, *z.shape, dtype=xy.dtype)
+    g_attrs = torch.zeros(parts, *attrs.shape, dtype=xy.dtype)
+    _sweep("vjp", xy.dtype, band_pairs,
+           lambda i: _params(xy, z, attrs, faces, runs, band_off, dims, consts, out=out, state=state, g_alpha=g_alpha,
+                             g_out=g_out, g_xy=g_xy[i], g_z=g_z[i], g_attrs=g_attrs[i]))
+    if parts == 1:
+        return g_xy[0], g_z[0], g_attrs[0]
+    return g_xy.sum(0), g_z.sum(0), g_attrs.sum(0)
 
 
 @sweep_vjp.register_fake
-def _(g_alpha, g_out, table, attrs, out, state, faces, runs, band_off, band_pairs, dims, consts):
-    return torch.empty_like(table), torch.empty_like(attrs)
+def _(g_alpha, g_out, xy, z, attrs, out, state, faces, runs, band_off, band_pairs, dims, consts):
+    return torch.empty_like(xy), torch.empty_like(z), torch.empty_like(attrs)
 
 
 __all__ = ["available", "band_rows_for", "find_runs", "library", "status", "sweep_forward", "sweep_jvp", "sweep_vjp"]
