@@ -26,7 +26,7 @@ from torch import Tensor
 from .camera import Camera
 from .mesh import Mesh, vertex_normals
 from .raster import fused
-from .raster.coverage import Pairs, find_pairs, use_native, valid_faces
+from .raster.coverage import Pairs, find_pairs, searched_faces, use_native
 from .raster.culling import should_cull
 from .raster.geometry import Triangles, barycentrics, edge_functions, face_rows
 from .raster.shading import Lights, Material, shade
@@ -69,7 +69,8 @@ class RenderSettings:
         if not self.margin_px >= 0:
             raise ValueError(f"RenderSettings.margin_px must be >= 0, got {self.margin_px}")
         if self.cull_backfaces not in (True, False, "auto"):
-            raise ValueError(f"RenderSettings.cull_backfaces must be True, False or 'auto', got {self.cull_backfaces!r}")
+            raise ValueError(f"RenderSettings.cull_backfaces must be True, False or 'auto', "
+                             f"got {self.cull_backfaces!r}")
         if self.backend not in ("auto", "native", "torch"):
             raise ValueError(f"RenderSettings.backend must be 'auto', 'native' or 'torch', got {self.backend!r}")
 
@@ -154,7 +155,7 @@ class PairCache:
         faces = self.faces.long()
         xy, z = camera.project(verts)
         cull = should_cull(self.settings.cull_backfaces, verts, self.faces, camera)
-        valid = valid_faces(z, faces, face_rows(xy, z, faces)[1], camera.near, cull)  # what the search keeps
+        valid = searched_faces(xy, z, faces, camera.near, cull, self.settings.backend)  # what the search keeps
         key = (camera.num_views, camera.height, camera.width, camera.near, cull, verts.shape[0], verts.dtype)
         if self._pairs is not None and key == self._key and torch.equal(valid, self._valid):
             moved = (xy - self._xy).norm(dim=-1)[:, faces].amax(-1).reshape(-1)  # (N*F,) largest vertex move

@@ -167,12 +167,18 @@ def cull_effect(off: torch.Tensor, on: torch.Tensor, mode: str) -> dict:
     return row
 
 
-def vs_pytorch3d(mesh: Mesh, size: int, views: int, repeats: int, ours_ms: float, ours_alpha: torch.Tensor) -> dict | None:
+def vs_pytorch3d(mesh: Mesh, size: int, views: int, repeats: int, ours_ms: float,
+                 ours_alpha: torch.Tensor) -> dict | None:
     """PyTorch3D's soft silhouette of the same scene (no culling, K = 50): time of one forward+backward
     and agreement with ours; None when PyTorch3D is not importable."""
     try:
-        from pytorch3d.renderer import (BlendParams, MeshRasterizer, MeshRenderer, RasterizationSettings,
-                                        SoftSilhouetteShader)
+        from pytorch3d.renderer import (
+            BlendParams,
+            MeshRasterizer,
+            MeshRenderer,
+            RasterizationSettings,
+            SoftSilhouetteShader,
+        )
         from pytorch3d.structures import Meshes
         from pytorch3d.utils import cameras_from_opencv_projection
     except ImportError:

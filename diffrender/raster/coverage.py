@@ -106,6 +106,13 @@ def front_facing(area2: Tensor) -> Tensor:
     return area2 < 0
 
 
+def searched_faces(xy: Tensor, z: Tensor, faces: Tensor, near: float, cull_backfaces: bool, backend: str) -> Tensor:
+    """``valid_faces`` as the search of ``backend`` computes it (N*F,) bool. xy: (N, V, 2); z: (N, V)."""
+    if use_native(xy.device, backend):
+        return native.valid_faces(xy, z, faces, near, cull_backfaces)
+    return valid_faces(z, faces, face_rows(xy, z, faces)[1], near, cull_backfaces)
+
+
 def valid_faces(z: Tensor, faces: Tensor, area2: Tensor, near: float, cull_backfaces: bool) -> Tensor:
     """View-faces that can have pairs (N*F,): in front of the near plane, non-degenerate, finite, and
     front-facing when culling. z: (N, V) depths; area2: (N*F,) twice the signed screen area."""
@@ -135,13 +142,14 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
     ``backend``: "auto" (compiled kernels for CPU tensors when they build), "native" or "torch".
     """
     n, f = xy.shape[0], faces.shape[0]
-    rows, area2 = face_rows(xy, z, faces)
-    valid = valid_faces(z, faces, area2, near, cull_backfaces)
     radius = radius + SLACK_PX
     if use_native(xy.device, backend):
-        runs, band_off, band_pairs, band_rows = native.find_runs(rows, valid, n, f, height, width, radius)
+        runs, band_off, band_pairs, band_rows = native.find_runs(xy, z, faces, height, width, radius, near,
+                                                                 cull_backfaces)
         return Pairs(n, height, width, f, int(band_pairs[-1]), runs, band_off, band_pairs, band_rows)
 
+    rows, area2 = face_rows(xy, z, faces)
+    valid = valid_faces(z, faces, area2, near, cull_backfaces)
     table = rows.T.contiguous()
     vx, vy = table[0:3].T, table[3:6].T  # edge starts run over all three corners
     # Pixel column j has its center at j + 0.5: columns within [xmin - r, xmax + r].

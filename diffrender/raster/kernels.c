@@ -47,12 +47,17 @@ typedef struct {
 /* The row intervals of pixels whose centers lie within radius R of a triangle (or inside it): the
    union of the triangle and the capsules of its edges (segment ⊕ disc) is convex, so each row meets it
    in one interval, the hull of the rows' intervals of the pieces. Everything that does not depend on
-   the row is set up once per face. */
+   the row is set up once per face. Directions parallel to an axis are nudged off it by 1e-12 instead of
+   being special-cased, which only changes slices exactly on a piece's boundary: there the endpoint
+   discs cover the rectangles, and pixels exactly at distance R (the cutoff plus the search slack) are
+   beyond the cutoff anyway. */
 typedef struct {
     double sx[3], sy[3], ex[3], L[3], ux[3], uy[3], iux[3], iuy[3], A0[3], iB[3];
-    int rect[3], xfree[3], yfree[3], bsign[3];
+    double lo_off[3], hi_off[3]; /* 0 where edge k bounds the triangle's slice from below (above), else ∓inf */
     double R, R2, sgn;
 } Reach;
+
+static double nudge(double v) { return fabs(v) > 1e-12 ? v : (v < 0 ? -1e-12 : 1e-12); }
 
 static void reach_setup(const double *tr, double R, Reach *g) {
     g->R = R;
@@ -61,77 +66,152 @@ static void reach_setup(const double *tr, double R, Reach *g) {
     for (int k = 0; k < 3; k++) {
         double sx = tr[SX + k], sy = tr[SY + k], ex = tr[EX + k], ey = tr[EY + k], L = sqrt(ex * ex + ey * ey);
         g->sx[k] = sx, g->sy[k] = sy, g->ex[k] = ex, g->L[k] = L;
-        g->rect[k] = L > 0;
         g->ux[k] = L > 0 ? ex / L : 0, g->uy[k] = L > 0 ? ey / L : 0;
-        g->xfree[k] = !(fabs(g->ux[k]) > 1e-12), g->yfree[k] = !(fabs(g->uy[k]) > 1e-12);
-        g->iux[k] = g->xfree[k] ? 0 : 1 / g->ux[k], g->iuy[k] = g->yfree[k] ? 0 : 1 / g->uy[k];
+        g->iux[k] = 1 / nudge(g->ux[k]), g->iuy[k] = 1 / nudge(g->uy[k]);
         /* triangle: sgn·E_k = A0 + sgn·ex·dy - sgn·ey·x >= 0, A0 = sgn·ey·sx */
-        double B = -g->sgn * ey;
         g->A0[k] = g->sgn * ey * sx;
-        g->bsign[k] = B > 0 ? 1 : (B < 0 ? -1 : 0);
-        g->iB[k] = B != 0 ? 1 / B : 0;
+        g->iB[k] = 1 / nudge(-g->sgn * ey);
+        g->lo_off[k] = g->iB[k] > 0 ? 0 : -INFINITY, g->hi_off[k] = g->iB[k] < 0 ? 0 : INFINITY;
     }
 }
 
-/* The interval [*a, *b] (clamped to [0, W - 1]) of columns of the row at height y; 0 when empty. Generous
-   by a relative 1e-9 so that rounding never drops a pixel: the sweeps test each pair's exact distance. */
-static int reach_row(const Reach *g, double y, int64_t W, int64_t *a, int64_t *b) {
-    double xl = INFINITY, xr = -INFINITY, tl = -INFINITY, th = INFINITY;
-    int tri = 1;
-    for (int k = 0; k < 3; k++) {
-        double dy = y - g->sy[k], h2 = g->R2 - dy * dy;
-        if (h2 >= 0) { /* disc around vertex s_k */
-            double h = sqrt(h2);
-            xl = MIN(xl, g->sx[k] - h);
-            xr = MAX(xr, g->sx[k] + h);
+/* The x-interval [xl[i], xr[i]] of the region on the rows y0 + i (i < cnt): xl > xr when a row misses it.
+   Branch-free, so that the loop over rows vectorizes. */
+static __attribute__((noinline)) void reach_rows(const Reach *restrict g, double y0, int cnt, double *restrict xl,
+                                                 double *restrict xr) {
+    Reach c = *g; /* local copy: invariant loads the vectorizer can hoist */
+#pragma omp simd
+    for (int i = 0; i < cnt; i++) {
+        double y = y0 + i, lo_ = INFINITY, hi_ = -INFINITY, tl = -INFINITY, th = INFINITY;
+#pragma GCC unroll 3
+        for (int k = 0; k < 3; k++) {
+            double dy = y - c.sy[k], h2 = c.R2 - dy * dy, h = sqrt(h2 > 0 ? h2 : 0);
+            lo_ = MIN(lo_, h2 >= 0 ? c.sx[k] - h : INFINITY); /* disc around vertex s_k */
+            hi_ = MAX(hi_, h2 >= 0 ? c.sx[k] + h : -INFINITY);
+            /* rectangle {s + u·e/L + v·n: 0 <= u <= L, |v| <= R}, n = (-uy, ux) */
+            double cu = dy * c.uy[k], p = -cu * c.iux[k], q = (c.L[k] - cu) * c.iux[k];
+            double cv = dy * c.ux[k], p2 = (cv - c.R) * c.iuy[k], q2 = (cv + c.R) * c.iuy[k];
+            double lo = MAX(MIN(p, q), MIN(p2, q2)), hi = MIN(MAX(p, q), MAX(p2, q2));
+            lo_ = MIN(lo_, lo <= hi ? c.sx[k] + lo : INFINITY);
+            hi_ = MAX(hi_, lo <= hi ? c.sx[k] + hi : -INFINITY);
+            /* triangle: A + B·x >= 0 with B = -sgn·ey: x >= -A/B for B > 0, x <= -A/B for B < 0 */
+            double t = -(c.A0[k] + c.sgn * c.ex[k] * dy) * c.iB[k];
+            tl = MAX(tl, t + c.lo_off[k]); /* offsets, not selects: a select on a loop-invariant flag */
+            th = MIN(th, t + c.hi_off[k]); /* keeps gcc from vectorizing */
         }
-        if (g->rect[k]) { /* {s + u·e/L + v·n: 0 <= u <= L, |v| <= R}, n = (-uy, ux) */
-            double lo = -INFINITY, hi = INFINITY, c = dy * g->uy[k];
-            if (!g->xfree[k]) {
-                double p = -c * g->iux[k], q = (g->L[k] - c) * g->iux[k];
-                lo = MAX(lo, MIN(p, q));
-                hi = MIN(hi, MAX(p, q));
-            } else if (c < 0 || c > g->L[k]) {
-                lo = INFINITY;
-            }
-            c = dy * g->ux[k]; /* v = -(x - sx)·uy + dy·ux */
-            if (!g->yfree[k]) {
-                double p = (c - g->R) * g->iuy[k], q = (c + g->R) * g->iuy[k];
-                lo = MAX(lo, MIN(p, q));
-                hi = MIN(hi, MAX(p, q));
-            } else if (fabs(c) > g->R) {
-                lo = INFINITY;
-            }
-            if (lo <= hi) {
-                xl = MIN(xl, g->sx[k] + lo);
-                xr = MAX(xr, g->sx[k] + hi);
-            }
-        }
-        double A = g->A0[k] + g->sgn * g->ex[k] * dy; /* triangle: A - sgn·ey·x >= 0 */
-        if (g->bsign[k] > 0) tl = MAX(tl, -A * g->iB[k]);
-        else if (g->bsign[k] < 0) th = MIN(th, -A * g->iB[k]);
-        else if (A < 0) tri = 0;
+        xl[i] = MIN(lo_, tl <= th ? tl : INFINITY);
+        xr[i] = MAX(hi_, tl <= th ? th : -INFINITY);
     }
-    if (tri && tl <= th) {
-        xl = MIN(xl, tl);
-        xr = MAX(xr, th);
-    }
+}
+
+/* Pixel columns [a, b] of an interval, clamped to [c0, c1]; generous by a relative 1e-9 so that rounding
+   never drops a pixel (the sweeps test each pair's exact distance). Returns 0 when empty. */
+static inline int columns(double xl, double xr, int64_t c0, int64_t c1, int64_t *a, int64_t *b) {
     if (!(xl <= xr)) return 0;
-    double tol = 1e-9 * (1 + fabs(xl) + fabs(xr));
-    double lo = ceil(xl - 0.5 - tol), hi = floor(xr - 0.5 + tol);
-    lo = lo > 0 ? lo : 0;
-    hi = hi < (double)(W - 1) ? hi : (double)(W - 1);
+    double tol = 1e-9 * (1 + fabs(xl) + fabs(xr)), lo = ceil(xl - 0.5 - tol), hi = floor(xr - 0.5 + tol);
+    lo = lo > (double)c0 ? lo : (double)c0;
+    hi = hi < (double)c1 ? hi : (double)c1;
     if (!(lo <= hi)) return 0;
     *a = (int64_t)lo;
     *b = (int64_t)hi;
     return 1;
 }
 
-/* Moves each band's runs (bands [b_lo, b_hi)) from its upper-bound slot ub_off[b] to run_base[b]. */
-void dr_compact(const int64_t *ub_off, const int64_t *run_base, const int64_t *band_count, int64_t b_lo,
-                int64_t b_hi, const int64_t *ub_runs, int64_t *runs) {
+/* A search plan: the valid view-faces (their rows in double, grown boxes) binned into bands of band_rows
+   image rows (nb bands per view). */
+typedef struct {
+    int64_t F, H, W, band_rows, nb, nbands, nvalid;
+    double R;
+    double *rows;        /* (nvalid, 19) */
+    int64_t *vf, *box;   /* (nvalid,) view-face, (nvalid, 4) c0, r0, c1, r1 */
+    int64_t *band_off;   /* (nbands + 1) into items */
+    int64_t *items;      /* plan indices, ascending within each band */
+    int64_t *ub_off;     /* (nbands + 1): at most one run per (face, row) */
+} Plan;
+
+void dr_plan_free(void *plan) {
+    Plan *P = plan;
+    if (!P) return;
+    free(P->rows), free(P->vf), free(P->box), free(P->band_off), free(P->items), free(P->ub_off), free(P);
+}
+
+/* Bins the plan's faces into the bands their boxes overlap; returns 0 if memory ran out. */
+static int plan_bins(Plan *P) {
+    int64_t NB = P->nbands, BR = P->band_rows;
+    P->band_off = calloc((size_t)NB + 1, sizeof(int64_t));
+    P->ub_off = calloc((size_t)NB + 1, sizeof(int64_t));
+    int64_t *cursor = malloc(((size_t)NB + 1) * sizeof(int64_t));
+    if (!P->band_off || !P->ub_off || !cursor) return free(cursor), 0;
+    for (int64_t i = 0; i < P->nvalid; i++) {
+        const int64_t *bx = P->box + 4 * i;
+        int64_t base = (P->vf[i] / P->F) * P->nb;
+        for (int64_t bb = bx[1] / BR; bb <= bx[3] / BR; bb++) {
+            int64_t lo = bx[1] > bb * BR ? bx[1] : bb * BR, hi = bx[3] < bb * BR + BR - 1 ? bx[3] : bb * BR + BR - 1;
+            P->band_off[base + bb + 1]++;
+            P->ub_off[base + bb + 1] += hi - lo + 1;
+        }
+    }
+    for (int64_t b = 0; b < NB; b++) P->band_off[b + 1] += P->band_off[b], P->ub_off[b + 1] += P->ub_off[b];
+    P->items = malloc(((size_t)P->band_off[NB] + 1) * sizeof(int64_t));
+    if (!P->items) return free(cursor), 0;
+    memcpy(cursor, P->band_off, (size_t)NB * sizeof(int64_t));
+    for (int64_t i = 0; i < P->nvalid; i++) {
+        const int64_t *bx = P->box + 4 * i;
+        int64_t base = (P->vf[i] / P->F) * P->nb;
+        for (int64_t bb = bx[1] / BR; bb <= bx[3] / BR; bb++) P->items[cursor[base + bb]++] = i;
+    }
+    free(cursor);
+    return 1;
+}
+
+/* Pair search over bands [b_lo, b_hi) of a plan: for each face of a band and each of its rows there, the
+   interval of pixels within R of the triangle is one run (view_face, first pixel, length), written from
+   the band's upper-bound slot on; band_count[b] gets the band's runs, band_pairs[b] its pairs. */
+void dr_search(const void *plan, int64_t b_lo, int64_t b_hi, int64_t *ub_runs, int64_t *band_count,
+               int64_t *band_pairs) {
+    const Plan *P = plan;
+    int64_t BR = P->band_rows, H = P->H, W = P->W;
+    double xl[64], xr[64];
+    for (int64_t b = b_lo; b < b_hi; b++) {
+        int64_t n = b / P->nb, rlo = (b % P->nb) * BR, rhi = rlo + BR < H ? rlo + BR : H;
+        int64_t m = 0, pairs = 0, *out = ub_runs + 3 * P->ub_off[b];
+        for (int64_t j = P->band_off[b]; j < P->band_off[b + 1]; j++) {
+            int64_t i = P->items[j], vf = P->vf[i];
+            const int64_t *bx = P->box + 4 * i;
+            int64_t ya = bx[1] > rlo ? bx[1] : rlo, yb = bx[3] < rhi - 1 ? bx[3] : rhi - 1;
+            Reach g;
+            reach_setup(P->rows + ROWS * i, P->R, &g);
+            for (int64_t y0 = ya; y0 <= yb; y0 += 64) {
+                int cnt = (int)(yb - y0 + 1 < 64 ? yb - y0 + 1 : 64);
+                reach_rows(&g, (double)y0 + 0.5, cnt, xl, xr);
+                for (int r = 0; r < cnt; r++) {
+                    int64_t a, c;
+                    if (!columns(xl[r], xr[r], bx[0], bx[2], &a, &c)) continue;
+                    out[3 * m] = vf;
+                    out[3 * m + 1] = (n * H + y0 + r) * W + a;
+                    out[3 * m + 2] = c - a + 1;
+                    pairs += c - a + 1;
+                    m++;
+                }
+            }
+        }
+        band_count[b] = m;
+        band_pairs[b] = pairs;
+    }
+}
+
+/* Moves the runs of bands [b_lo, b_hi) from their upper-bound slots to run_base[b] on. */
+void dr_compact(const void *plan, const int64_t *run_base, const int64_t *band_count, int64_t b_lo, int64_t b_hi,
+                const int64_t *ub_runs, int64_t *runs) {
+    const Plan *P = plan;
     for (int64_t b = b_lo; b < b_hi; b++)
-        memcpy(runs + 3 * run_base[b], ub_runs + 3 * ub_off[b], (size_t)band_count[b] * 3 * sizeof(int64_t));
+        memcpy(runs + 3 * run_base[b], ub_runs + 3 * P->ub_off[b], (size_t)band_count[b] * 3 * sizeof(int64_t));
+}
+
+/* The plan's upper-bound offsets (nbands + 1), for splitting the search over threads. */
+void dr_plan_ub(const void *plan, int64_t *out) {
+    const Plan *P = plan;
+    memcpy(out, P->ub_off, (size_t)(P->nbands + 1) * sizeof(int64_t));
 }
 
 /* The typed kernels: this file includes itself once per storage type. */
@@ -296,41 +376,63 @@ static inline void FN(face_row_adjoint)(const T *g, const int64_t *fv, int64_t n
     }
 }
 
-/* Pair search over bands [b_lo, b_hi). band_faces[band_off[b] ..] (ascending) are the view-faces whose
-   grown box (box: c0, r0, c1, r1 per view-face) overlaps band b. For each of them and each of its rows in
-   the band, the interval of pixels within R is written as a run (view_face, first pixel, length) from
-   ub_off[b] on; band_count[b] gets the band's number of runs, band_pairs[b] its number of pairs. */
-void FN(dr_search)(const T *table, const int64_t *box, const int64_t *band_off, const int64_t *band_faces,
-                   const int64_t *ub_off, int64_t b_lo, int64_t b_hi, int64_t band_rows, int64_t H, int64_t W,
-                   double R, int64_t *ub_runs, int64_t *band_count, int64_t *band_pairs) {
-    int64_t nb = (H + band_rows - 1) / band_rows;
-    double tr[ROWS];
-    for (int64_t b = b_lo; b < b_hi; b++) {
-        int64_t n = b / nb, rlo = (b % nb) * band_rows, rhi = rlo + band_rows < H ? rlo + band_rows : H;
-        int64_t m = 0, pairs = 0, *out = ub_runs + 3 * ub_off[b];
-        for (int64_t j = band_off[b]; j < band_off[b + 1]; j++) {
-            int64_t vf = band_faces[j];
-            const int64_t *bx = box + 4 * vf;
-            int64_t ya = bx[1] > rlo ? bx[1] : rlo, yb = bx[3] < rhi - 1 ? bx[3] : rhi - 1;
-            for (int i = 0; i < ROWS; i++) tr[i] = (double)table[vf * ROWS + i];
-            Reach g;
-            reach_setup(tr, R, &g);
-            for (int64_t row = ya; row <= yb; row++) {
-                int64_t a, c;
-                if (!reach_row(&g, (double)row + 0.5, W, &a, &c)) continue;
-                a = a > bx[0] ? a : bx[0];
-                c = c < bx[2] ? c : bx[2];
-                if (a > c) continue;
-                out[3 * m] = vf;
-                out[3 * m + 1] = (n * H + row) * W + a;
-                out[3 * m + 2] = c - a + 1;
-                pairs += c - a + 1;
-                m++;
-            }
+/* Whether view-face (n, f) can have pairs (raster/coverage.py's valid_faces): all three vertices in front
+   of the near plane, a finite non-degenerate screen area, and front-facing (negative area) when culling. */
+static inline int FN(face_valid)(const T *z, const int64_t *fv, int64_t n, int64_t V, const T *f, double near,
+                                 int64_t cull) {
+    T area2 = f[EX + 1] * f[EY + 2] - f[EY + 1] * f[EX + 2];
+    int in_front = z[n * V + fv[0]] > near && z[n * V + fv[1]] > near && z[n * V + fv[2]] > near;
+    return in_front && isfinite(area2) && (area2 > 0 ? area2 : -area2) > TINY && (!cull || area2 < 0);
+}
+
+/* valid (N*F) <- face_valid of every view-face. */
+void FN(dr_valid)(const T *xy, const T *z, const int64_t *faces, int64_t N, int64_t V, int64_t F, double near,
+                  int64_t cull, uint8_t *valid) {
+    T f[ROWS];
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t i = 0; i < F; i++) {
+            FN(face_row)(xy, z, faces + 3 * i, n, V, f);
+            valid[n * F + i] = (uint8_t)FN(face_valid)(z, faces + 3 * i, n, V, f, near, cull);
         }
-        band_count[b] = m;
-        band_pairs[b] = pairs;
-    }
+}
+
+/* The search plan for N views of the vertices xy (N, V, 2), z (N, V): the valid view-faces whose box,
+   grown by R and clamped to the image, is not empty, binned into bands. sizes <- (upper bound on runs,
+   number of bands). NULL if memory ran out. */
+void *FN(dr_plan)(const T *xy, const T *z, const int64_t *faces, int64_t N, int64_t V, int64_t F, int64_t H,
+                  int64_t W, double near, int64_t cull, double R, int64_t band_rows, int64_t *sizes) {
+    Plan *P = calloc(1, sizeof(Plan));
+    if (!P) return NULL;
+    P->F = F, P->H = H, P->W = W, P->band_rows = band_rows, P->nb = (H + band_rows - 1) / band_rows;
+    P->nbands = N * P->nb, P->R = R;
+    P->rows = malloc((size_t)(N * F) * ROWS * sizeof(double) + 1);
+    P->vf = malloc((size_t)(N * F) * sizeof(int64_t) + 1);
+    P->box = malloc((size_t)(N * F) * 4 * sizeof(int64_t) + 1);
+    if (!P->rows || !P->vf || !P->box) return dr_plan_free(P), NULL;
+    T f[ROWS];
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t i = 0; i < F; i++) {
+            const int64_t *fv = faces + 3 * i;
+            FN(face_row)(xy, z, fv, n, V, f);
+            if (!FN(face_valid)(z, fv, n, V, f, near, cull)) continue;
+            double x0 = f[SX], x1 = f[SX], y0 = f[SY], y1 = f[SY]; /* the edge starts are the three vertices */
+            for (int k = 1; k < 3; k++) {
+                x0 = MIN(x0, (double)f[SX + k]), x1 = MAX(x1, (double)f[SX + k]);
+                y0 = MIN(y0, (double)f[SY + k]), y1 = MAX(y1, (double)f[SY + k]);
+            }
+            /* pixel column j has its center at j + 0.5: columns within [xmin - R, xmax + R] */
+            double c0 = MAX(ceil(x0 - R - 0.5), 0), c1 = MIN(floor(x1 + R - 0.5), (double)(W - 1));
+            double r0 = MAX(ceil(y0 - R - 0.5), 0), r1 = MIN(floor(y1 + R - 0.5), (double)(H - 1));
+            if (!(c0 <= c1 && r0 <= r1)) continue;
+            int64_t m = P->nvalid++;
+            for (int k = 0; k < ROWS; k++) P->rows[ROWS * m + k] = (double)f[k];
+            P->vf[m] = n * F + i;
+            P->box[4 * m] = (int64_t)c0, P->box[4 * m + 1] = (int64_t)r0;
+            P->box[4 * m + 2] = (int64_t)c1, P->box[4 * m + 3] = (int64_t)r1;
+        }
+    if (!plan_bins(P)) return dr_plan_free(P), NULL;
+    sizes[0] = P->ub_off[P->nbands], sizes[1] = P->nbands;
+    return P;
 }
 
 /* Bands: band b holds rows [rlo, rhi) of view n; its pixels are base .. base + bpx - 1. */

@@ -59,7 +59,8 @@ def _cache_dir() -> Path:
 def _machine() -> str:
     """What -march=native depends on: the CPU's feature flags where Linux tells them."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features")))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line for line in lines if line.startswith(("flags", "Features")))
     except (OSError, StopIteration):
         flags = platform.processor()
     return f"{platform.platform()} {platform.machine()} {flags}"
@@ -92,15 +93,20 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     p, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     for sfx in ("f32", "f64"):
-        fn = getattr(lib, f"dr_search_{sfx}")
-        fn.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, f64, p, p, p]
+        fn = getattr(lib, f"dr_plan_{sfx}")
+        fn.argtypes = [p, p, p, i64, i64, i64, i64, i64, f64, i64, f64, i64, p]
+        fn.restype = p
+        fn = getattr(lib, f"dr_valid_{sfx}")
+        fn.argtypes = [p, p, p, i64, i64, i64, f64, i64, p]
         fn.restype = None
         for name in ("forward", "jvp", "vjp"):
             fn = getattr(lib, f"dr_{name}_{sfx}")
             fn.argtypes = [ctypes.POINTER(_Params), i64, i64]
             fn.restype = ctypes.c_int
-    lib.dr_compact.argtypes = [p, p, p, i64, i64, p, p]
-    lib.dr_compact.restype = None
+    for name, args in (("dr_search", [p, i64, i64, p, p, p]), ("dr_compact", [p, p, p, i64, i64, p, p]),
+                       ("dr_plan_ub", [p, p]), ("dr_plan_free", [p])):
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -180,60 +186,55 @@ def band_rows_for(width: int) -> int:
 
 
 @torch.no_grad()
-def find_runs(table: Tensor, valid: Tensor, num_views: int, num_faces: int, height: int, width: int,
-              radius: float) -> tuple[Tensor, Tensor, Tensor, int]:
+def valid_faces(xy: Tensor, z: Tensor, faces: Tensor, near: float, cull: bool) -> Tensor:
+    """(N*F,) bool: the view-faces that can have pairs (raster/coverage.py's valid_faces, computed as the
+    compiled search does). xy: (N, V, 2); z: (N, V); faces: (F, 3) int64."""
+    xy, z, faces = _contig(xy, z, faces.long())
+    out = torch.empty(xy.shape[0] * faces.shape[0], dtype=torch.uint8)
+    getattr(library(), f"dr_valid_{_suffix(xy.dtype)}")(xy.data_ptr(), z.data_ptr(), faces.data_ptr(), xy.shape[0],
+                                                         xy.shape[1], faces.shape[0], float(near), int(cull),
+                                                         out.data_ptr())
+    return out.bool()
+
+
+@torch.no_grad()
+def find_runs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, radius: float, near: float,
+              cull: bool) -> tuple[Tensor, Tensor, Tensor, int]:
     """The pairs within ``radius`` px of (or inside) each valid view-face, as runs of pixels.
 
-    table: (N*F, 19) per-(view, face) rows; valid: (N*F,) bool. Returns runs (R, 3) int64 (view_face,
-    first pixel, length): the consecutive pixels of one image row near one face; band_off (NB + 1,):
-    the runs of band b (``band_rows`` rows of one view) are ``band_off[b]:band_off[b + 1]``, ordered by
-    face then row; band_pairs (NB + 1,): cumulative pairs per band; and band_rows. Faces are binned into
-    the bands their grown bounding box overlaps; each row's run is the exact interval of the triangle
-    grown by the radius (a convex set), computed in C.
+    xy: (N, V, 2) pixel coordinates, z: (N, V) depths, faces: (F, 3). Returns runs (R, 3) int64
+    (view_face, first pixel, length): the consecutive pixels of one image row near one face; band_off
+    (NB + 1,): the runs of band b (``band_rows`` rows of one view) are ``band_off[b]:band_off[b + 1]``,
+    ordered by face then row; band_pairs (NB + 1,): cumulative pairs per band; and band_rows. The valid
+    faces are binned into the bands their grown bounding box overlaps; for each face and row, the run is
+    the interval of the triangle grown by the radius (a convex set), computed in closed form.
     """
     lib = library()
-    sfx = _suffix(table.dtype)
-    i64 = dict(dtype=torch.long, device=table.device)
+    xy, z, faces = _contig(xy, z, faces.long())
+    i64 = dict(dtype=torch.long)
     band_rows = band_rows_for(width)
-    nb = -(-height // band_rows)
-    nbands = num_views * nb
-    vx, vy = table[:, 0:3], table[:, 3:6]  # edge starts run over all three vertices
-    box = torch.stack([torch.ceil(vx.amin(1) - radius - 0.5).clamp(min=0),
-                       torch.ceil(vy.amin(1) - radius - 0.5).clamp(min=0),
-                       torch.floor(vx.amax(1) + radius - 0.5).clamp(max=width - 1),
-                       torch.floor(vy.amax(1) + radius - 0.5).clamp(max=height - 1)], 1)
-    ok = valid & (box[:, 2] >= box[:, 0]) & (box[:, 3] >= box[:, 1])
-    box = torch.where(ok.unsqueeze(1), box, torch.zeros_like(box)).long().contiguous()
-    vf = ok.nonzero().squeeze(1)
-    r0, r1 = box[:, 1].index_select(0, vf), box[:, 3].index_select(0, vf)
-    b0 = torch.div(r0, band_rows, rounding_mode="floor")
-    cnt = torch.div(r1, band_rows, rounding_mode="floor") - b0 + 1
-    total = int(cnt.sum())
-    first = torch.cumsum(cnt, 0) - cnt
-    band_in_view = (torch.repeat_interleave(b0 - first, cnt, output_size=total) + torch.arange(total, **i64))
-    band = torch.repeat_interleave(torch.div(vf, num_faces, rounding_mode="floor") * nb, cnt, output_size=total) \
-        + band_in_view
-    rows = (torch.minimum(torch.repeat_interleave(r1, cnt, output_size=total), band_in_view * band_rows + band_rows - 1)
-            - torch.maximum(torch.repeat_interleave(r0, cnt, output_size=total), band_in_view * band_rows) + 1)
-    order = torch.argsort(band, stable=True)
-    band_faces = torch.repeat_interleave(vf, cnt, output_size=total).index_select(0, order).contiguous()
-    band_off = torch.zeros(nbands + 1, **i64)
-    band_off[1:] = torch.cumsum(torch.bincount(band, minlength=nbands), 0)
-    ub_off = torch.zeros(nbands + 1, **i64)  # at most one run per (face, row)
-    ub_off[1:] = torch.cumsum(torch.zeros(nbands, **i64).index_add_(0, band, rows), 0)
-    ub_runs = torch.empty(int(ub_off[-1]), 3, **i64)
-    band_count, band_pairs = torch.empty(nbands, **i64), torch.zeros(nbands + 1, **i64)
-    tab = table.contiguous()
-    bounds = _split(ub_off, torch.get_num_threads(), min_total=MIN_PARALLEL // 8)
-    search = getattr(lib, f"dr_search_{sfx}")
-    _run(lambda lo, hi: search(tab.data_ptr(), box.data_ptr(), band_off.data_ptr(), band_faces.data_ptr(),
-                               ub_off.data_ptr(), lo, hi, band_rows, height, width, float(radius), ub_runs.data_ptr(),
-                               band_count.data_ptr(), band_pairs[1:].data_ptr()), bounds)
-    run_off = torch.zeros(nbands + 1, **i64)
-    run_off[1:] = torch.cumsum(band_count, 0)
-    runs = torch.empty(int(run_off[-1]), 3, **i64)
-    _run(lambda lo, hi: lib.dr_compact(ub_off.data_ptr(), run_off.data_ptr(), band_count.data_ptr(), lo, hi,
-                                       ub_runs.data_ptr(), runs.data_ptr()), bounds)
+    sizes = (ctypes.c_int64 * 2)()
+    plan = getattr(lib, f"dr_plan_{_suffix(xy.dtype)}")(
+        xy.data_ptr(), z.data_ptr(), faces.data_ptr(), xy.shape[0], xy.shape[1], faces.shape[0], height, width,
+        float(near), int(cull), float(radius), band_rows, sizes)
+    if not plan:
+        raise MemoryError("pair search: out of memory for the search plan")
+    try:
+        ub, nbands = sizes[0], sizes[1]
+        ub_off = torch.empty(nbands + 1, **i64)
+        lib.dr_plan_ub(plan, ub_off.data_ptr())
+        ub_runs = torch.empty(ub, 3, **i64)
+        band_count, band_pairs = torch.empty(nbands, **i64), torch.zeros(nbands + 1, **i64)
+        bounds = _split(ub_off, torch.get_num_threads(), min_total=MIN_PARALLEL // 8)
+        _run(lambda lo, hi: lib.dr_search(plan, lo, hi, ub_runs.data_ptr(), band_count.data_ptr(),
+                                          band_pairs[1:].data_ptr()), bounds)
+        run_off = torch.zeros(nbands + 1, **i64)
+        torch.cumsum(band_count, 0, out=run_off[1:])
+        runs = torch.empty(int(run_off[-1]), 3, **i64)
+        _run(lambda lo, hi: lib.dr_compact(plan, run_off.data_ptr(), band_count.data_ptr(), lo, hi,
+                                           ub_runs.data_ptr(), runs.data_ptr()), bounds)
+    finally:
+        lib.dr_plan_free(plan)
     return runs, run_off, torch.cumsum(band_pairs, 0), band_rows
 
 
@@ -343,7 +344,8 @@ def _(g_alpha, g_out, xy, z, attrs, out, state, faces, runs, band_off, band_pair
     return torch.empty_like(xy), torch.empty_like(z), torch.empty_like(attrs)
 
 
-__all__ = ["available", "band_rows_for", "find_runs", "library", "status", "sweep_forward", "sweep_jvp", "sweep_vjp"]
+__all__ = ["available", "band_rows_for", "find_runs", "library", "status", "sweep_forward", "sweep_jvp", "sweep_vjp",
+           "valid_faces"]
 
 if sys.platform == "win32":  # the build line above is for Unix compilers
     _error = "compiled kernels are built on Unix-like systems only"
