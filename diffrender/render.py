@@ -235,17 +235,35 @@ def render(verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs, settings:
     if "depth" in outputs:
         result["depth"] = blended[:, 0].reshape(n, h, w)
     if "rgb" in outputs:
-        color = blended[:, 1:4].reshape(n, h * w, 3)
+        # Only pixels with pairs are shaded and composited; the others show the background (α = 0).
+        cov = pairs.covered
+        b = blended.index_select(0, cov)
+        color = b[:, 1:4]
         if lit:
             # Deferred shading: albedo and normal are blended per pixel and lit once per pixel, at the
             # point on the pixel's ray at the blended depth (cheaper than interpolating positions).
-            points = camera.backproject(blended[:, 0].reshape(n, h, w)).reshape(n, h * w, 3)
-            normals = blended[:, 4:7].reshape(n, h * w, 3)
-            color = shade(color, points, normals, camera.centers.unsqueeze(1), lights, material or Material())
+            view = torch.div(cov, h * w, rounding_mode="floor")
+            points = _backproject(camera, cov, b[:, 0])
+            color = shade(color, points, b[:, 4:7], camera.centers.index_select(0, view), lights,
+                          material or Material())
         bg = torch.as_tensor(settings.background, dtype=blended.dtype, device=blended.device)
-        a = alpha.reshape(n, h * w, 1)
-        result["rgb"] = (a * color + (1 - a) * bg).reshape(n, h, w, 3)
+        a = alpha.index_select(0, cov).unsqueeze(-1)
+        rgb = torch.zeros(n * h * w, 3, dtype=blended.dtype, device=blended.device).index_add(0, cov, a * (color - bg))
+        result["rgb"] = (rgb + bg).reshape(n, h, w, 3)
     return result
+
+
+def _backproject(camera: Camera, pixel: Tensor, depth: Tensor) -> Tensor:
+    """World points (K, 3) at camera depth ``depth`` (K,) on the rays through the flat pixels ``pixel`` (K,)."""
+    hw = camera.height * camera.width
+    view = torch.div(pixel, hw, rounding_mode="floor")
+    rest = pixel - view * hw
+    row = torch.div(rest, camera.width, rounding_mode="floor")
+    xy = torch.stack([rest - row * camera.width, row], -1).to(depth.dtype) + 0.5
+    uv = (xy - camera.principal.index_select(0, view)) / camera.focal.index_select(0, view)
+    cam = torch.cat([uv, torch.ones_like(uv[:, :1])], -1) * depth.unsqueeze(-1)
+    # x_world = Rᵀ (x_cam - t)
+    return ((cam - camera.t.index_select(0, view)).unsqueeze(-2) @ camera.R.index_select(0, view)).squeeze(-2)
 
 
 def _sweep_native(xy: Tensor, z: Tensor, verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs,

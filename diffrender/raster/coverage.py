@@ -88,6 +88,16 @@ class Pairs:
         """(P,) face index of each pair."""
         return self.view_face % self.num_faces
 
+    @cached_property
+    def covered(self) -> Tensor:
+        """(K,) sorted flat indices of the pixels with at least one pair (the others render as background)."""
+        if self.runs is not None and self.runs.device.type == "cpu" and native.available():
+            mask = native.covered(self.runs, self.num_views * self.height * self.width)
+        else:
+            mask = torch.zeros(self.num_views * self.height * self.width, dtype=torch.bool, device=self.pixel.device)
+            mask[self.pixel] = True
+        return mask.nonzero().squeeze(1)
+
     def centers(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Pixel centers (px, py), each (P,), in ``dtype``."""
         if dtype not in self._centers:

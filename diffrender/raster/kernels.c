@@ -200,6 +200,11 @@ void dr_search(const void *plan, int64_t b_lo, int64_t b_hi, int64_t *ub_runs, i
     }
 }
 
+/* mask (N*H*W) <- 1 for every pixel of the runs (R, 3). */
+void dr_cover(const int64_t *runs, int64_t R, uint8_t *mask) {
+    for (int64_t r = 0; r < R; r++) memset(mask + runs[3 * r + 1], 1, (size_t)runs[3 * r + 2]);
+}
+
 /* Moves the runs of bands [b_lo, b_hi) from their upper-bound slots to run_base[b] on. */
 void dr_compact(const void *plan, const int64_t *run_base, const int64_t *band_count, int64_t b_lo, int64_t b_hi,
                 const int64_t *ub_runs, int64_t *runs) {
@@ -504,7 +509,7 @@ static inline T FN(dlogit)(const FN(Dist) *d, FN(Tangent) g) {
     return d->sg * -2 * (d->rx * (tsx + d->t * tex) + d->ry * (tsy + d->t * tey));
 }
 
-/* forward: sp = -log(1 - D) of each pixel (0 beyond the cutoff) */
+/* forward: sp = log(1 - D) = -softplus(x) of each pixel (0 beyond the cutoff) */
 KERNEL FN(k_cover)(const T R_ f_, const T R_ px, const T R_ py, int cnt, T scale, T r2, T R_ sp) {
     T f[ROWS];
     for (int k = 0; k < ROWS; k++) f[k] = f_[k]; /* local copies: invariant loads the vectorizer can hoist */
@@ -513,7 +518,7 @@ KERNEL FN(k_cover)(const T R_ f_, const T R_ px, const T R_ py, int cnt, T scale
         FN(Dist) d;
         FN(distance)(f, px[i], py[i], scale, r2, &d);
         T ax = d.x > 0 ? d.x : -d.x, L = FN(log1p_01)(FN(exp_neg)(-ax));
-        sp[i] = d.keep * ((d.x > 0 ? d.x : 0) + L);
+        sp[i] = -d.keep * ((d.x > 0 ? d.x : 0) + L);
     }
 }
 
@@ -528,7 +533,7 @@ KERNEL FN(k_cover_blend)(const T R_ f_, const T R_ px, const T R_ py, int cnt, T
         FN(Dist) d;
         FN(distance)(f, px[i], py[i], scale, r2, &d);
         T ax = d.x > 0 ? d.x : -d.x, L = FN(log1p_01)(FN(exp_neg)(-ax));
-        sp[i] = d.keep * ((d.x > 0 ? d.x : 0) + L);
+        sp[i] = -d.keep * ((d.x > 0 ? d.x : 0) + L);
         FN(Bary) bb;
         FN(bary)(f, &d, &bb);
         T lw = d.keep > 0 ? (d.x < 0 ? d.x : 0) - L - bb.depth * kz : -INFINITY;
@@ -686,6 +691,24 @@ KERNEL FN(k_adjoint)(const T R_ f_, const T R_ px, const T R_ py, int cnt, T sca
     acc[EY + 1] = s_ey1, acc[EY + 2] = s_ey2, acc[Z] = s_z0, acc[Z + 1] = s_z1, acc[Z + 2] = s_z2, acc[IA] = s_ia;
 }
 
+/* Gathers and scatters between a block and the band's pixel planes. A block's pixels are distinct (one face
+   covers a pixel once), so the scatters vectorize where the CPU has scatter instructions. */
+KERNEL FN(k_gather)(const T R_ src, int64_t stride, const int32_t R_ lp, int cnt, T R_ dst) {
+#pragma omp simd
+    for (int i = 0; i < cnt; i++) dst[i] = src[lp[i] * stride];
+}
+
+KERNEL FN(k_scatter_add)(T R_ dst, const int32_t R_ lp, int cnt, const T R_ v) {
+#pragma omp simd
+    for (int i = 0; i < cnt; i++) dst[lp[i]] += v[i];
+}
+
+/* online softmax step: plane[q] = plane[q]·wa + wb·value for the block's pixels q */
+KERNEL FN(k_scatter_blend)(T R_ dst, const int32_t R_ lp, int cnt, const T R_ wa, const T R_ wb, const T R_ v) {
+#pragma omp simd
+    for (int i = 0; i < cnt; i++) dst[lp[i]] = dst[lp[i]] * wa[i] + wb[i] * v[i];
+}
+
 /* Forward sweep over bands [b_lo, b_hi): silhouette α = 1 - Π(1 - D_j) = -expm1(Σ log(1 - D_j)) and, when
    blending, the SoftRas softmax of [depth, attributes] with log-weights log sigmoid(x_j) - depth_j·kz
    (z̃/γ up to a constant, which the normalized blend ignores), accumulated online per pixel: the running
@@ -699,7 +722,7 @@ int FN(dr_forward)(const Params *p, int64_t b_lo, int64_t b_hi) {
     T *buf = malloc((size_t)(npx * (3 + 1 + C)) * sizeof(T));
     if (!buf) return -1;
     FN(Block) blk;
-    T sp[BLK], tg[BLK], tn[BLK], wa[BLK], wb[BLK], dep[BLK], l0[BLK], l1[BLK], l2[BLK];
+    T sp[BLK], tg[BLK], tn[BLK], wa[BLK], wb[BLK], dep[BLK], l0[BLK], l1[BLK], l2[BLK], one[BLK], val[BLK];
     for (int64_t b = b_lo; b < b_hi; b++) {
         BAND_GEOMETRY(p, b);
         T *S = buf, *TOP = buf + bpx, *DEN = buf + 2 * bpx, *NUM = buf + 3 * bpx; /* planes of bpx values */
@@ -711,24 +734,19 @@ int FN(dr_forward)(const Params *p, int64_t b_lo, int64_t b_hi) {
             int cnt = blk.n;
             if (!blend) {
                 FN(k_cover)(f, blk.px, blk.py, cnt, scale, r2, sp);
-                for (int i = 0; i < cnt; i++) S[blk.lp[i]] -= sp[i];
+                FN(k_scatter_add)(S, blk.lp, cnt, sp); /* sp holds log(1 - D) */
                 continue;
             }
-            for (int i = 0; i < cnt; i++) tg[i] = TOP[blk.lp[i]];
+            FN(k_gather)(TOP, 1, blk.lp, cnt, tg);
             FN(k_cover_blend)(f, blk.px, blk.py, cnt, scale, r2, kz, tg, sp, tn, wa, wb, dep, l0, l1, l2);
-            for (int i = 0; i < cnt; i++) {
-                int32_t q = blk.lp[i];
-                S[q] -= sp[i];
-                TOP[q] = tn[i];
-                DEN[q] = DEN[q] * wa[i] + wb[i];
-                NUM[q] = NUM[q] * wa[i] + wb[i] * dep[i];
-            }
+            FN(k_scatter_add)(S, blk.lp, cnt, sp);
+            for (int i = 0; i < cnt; i++) TOP[blk.lp[i]] = tn[i], one[i] = 1;
+            FN(k_scatter_blend)(DEN, blk.lp, cnt, wa, wb, one);
+            FN(k_scatter_blend)(NUM, blk.lp, cnt, wa, wb, dep);
             for (int64_t c = 0; c < C; c++) {
-                T *nc = NUM + (1 + c) * bpx, x0 = A[fv[0] * C + c], x1 = A[fv[1] * C + c], x2 = A[fv[2] * C + c];
-                for (int i = 0; i < cnt; i++) {
-                    int32_t q = blk.lp[i];
-                    nc[q] = nc[q] * wa[i] + wb[i] * (l0[i] * x0 + l1[i] * x1 + l2[i] * x2);
-                }
+                T x0 = A[fv[0] * C + c], x1 = A[fv[1] * C + c], x2 = A[fv[2] * C + c];
+                for (int i = 0; i < cnt; i++) val[i] = l0[i] * x0 + l1[i] * x1 + l2[i] * x2;
+                FN(k_scatter_blend)(NUM + (1 + c) * bpx, blk.lp, cnt, wa, wb, val);
             }
         }
         for (int64_t i = 0; i < bpx; i++) {
@@ -768,22 +786,21 @@ int FN(dr_jvp)(const Params *p, int64_t b_lo, int64_t b_hi) {
             BLOCK_FACE(p, blk, f);
             FN(face_row_tangent)(p->t_xy, p->t_z, fv, n, p->V, f, dt);
             int cnt = blk.n;
-            if (blend)
-                for (int i = 0; i < cnt; i++) {
-                    int64_t q = base + blk.lp[i];
-                    top[i] = state[NP + q], den[i] = state[2 * NP + q];
-                    for (int64_t c = 0; c <= C; c++) Og[c * BLK + i] = out[q * (1 + C) + c];
-                }
+            if (blend) {
+                FN(k_gather)(state + NP + base, 1, blk.lp, cnt, top);
+                FN(k_gather)(state + 2 * NP + base, 1, blk.lp, cnt, den);
+                for (int64_t c = 0; c <= C; c++) FN(k_gather)(out + base * (1 + C) + c, 1 + C, blk.lp, cnt, Og + c * BLK);
+            }
             FN(k_tangent)(f, dt, blk.px, blk.py, cnt, scale, r2, kz, blend, top, den, Og, dsv, wh_, dlw_, l0, l1, l2,
                           m0, m1, m2);
-            for (int i = 0; i < cnt; i++) DS[blk.lp[i]] += dsv[i];
+            FN(k_scatter_add)(DS, blk.lp, cnt, dsv);
             if (!blend) continue;
-            for (int i = 0; i < cnt; i++) DO[blk.lp[i]] += Og[i];
+            FN(k_scatter_add)(DO, blk.lp, cnt, Og);
             for (int64_t c = 0; c < C; c++) {
-                T *Oc = Og + (1 + c) * BLK, *dc = DO + (1 + c) * bpx;
+                T *Oc = Og + (1 + c) * BLK;
                 FN(k_tangent_channel)(cnt, wh_, dlw_, l0, l1, l2, m0, m1, m2, A[fv[0] * C + c], A[fv[1] * C + c],
                                       A[fv[2] * C + c], tA[fv[0] * C + c], tA[fv[1] * C + c], tA[fv[2] * C + c], Oc);
-                for (int i = 0; i < cnt; i++) dc[blk.lp[i]] += Oc[i];
+                FN(k_scatter_add)(DO + (1 + c) * bpx, blk.lp, cnt, Oc);
             }
         }
         for (int64_t i = 0; i < bpx; i++) {
@@ -818,13 +835,15 @@ int FN(dr_vjp)(const Params *p, int64_t b_lo, int64_t b_hi) {
         while (FN(next_block)(p, p->band_off[b + 1], base, &r, &off, &blk)) {
             BLOCK_FACE(p, blk, f);
             int cnt = blk.n;
-            for (int i = 0; i < cnt; i++) ga[i] = GA[blk.lp[i]];
+            FN(k_gather)(GA, 1, blk.lp, cnt, ga);
             if (blend) {
-                for (int i = 0; i < cnt; i++) {
-                    int64_t q = base + blk.lp[i];
-                    top[i] = state[NP + q], den[i] = state[2 * NP + q], g0[i] = g1[i] = g2[i] = 0;
-                    for (int64_t c = 0; c <= C; c++) Og[c * BLK + i] = out[q * (1 + C) + c], Gg[c * BLK + i] = G[q * (1 + C) + c];
+                FN(k_gather)(state + NP + base, 1, blk.lp, cnt, top);
+                FN(k_gather)(state + 2 * NP + base, 1, blk.lp, cnt, den);
+                for (int64_t c = 0; c <= C; c++) {
+                    FN(k_gather)(out + base * (1 + C) + c, 1 + C, blk.lp, cnt, Og + c * BLK);
+                    FN(k_gather)(G + base * (1 + C) + c, 1 + C, blk.lp, cnt, Gg + c * BLK);
                 }
+                for (int i = 0; i < cnt; i++) g0[i] = g1[i] = g2[i] = 0;
                 FN(k_weights)(f, blk.px, blk.py, cnt, scale, r2, kz, top, den, Gg, Og, wh_, gw_, l0, l1, l2);
                 for (int64_t c = 0; c < C; c++) {
                     FN(k_adjoint_channel)(cnt, wh_, l0, l1, l2, Gg + (1 + c) * BLK, Og + (1 + c) * BLK, A[fv[0] * C + c],

@@ -104,7 +104,7 @@ def _build() -> ctypes.CDLL:
             fn.argtypes = [ctypes.POINTER(_Params), i64, i64]
             fn.restype = ctypes.c_int
     for name, args in (("dr_search", [p, i64, i64, p, p, p]), ("dr_compact", [p, p, p, i64, i64, p, p]),
-                       ("dr_plan_ub", [p, p]), ("dr_plan_free", [p])):
+                       ("dr_plan_ub", [p, p]), ("dr_plan_free", [p]), ("dr_cover", [p, i64, p])):
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
     return lib
@@ -238,6 +238,14 @@ def find_runs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, rad
     return runs, run_off, torch.cumsum(band_pairs, 0), band_rows
 
 
+def covered(runs: Tensor, num_pixels: int) -> Tensor:
+    """(num_pixels,) bool: the pixels of at least one run."""
+    mask = torch.zeros(num_pixels, dtype=torch.uint8)
+    runs = runs.contiguous()
+    library().dr_cover(runs.data_ptr(), runs.shape[0], mask.data_ptr())
+    return mask.bool()
+
+
 # ---------------------------------------------------------------- the fused sweep: forward, J, Jᵀ
 
 
@@ -344,7 +352,7 @@ def _(g_alpha, g_out, xy, z, attrs, out, state, faces, runs, band_off, band_pair
     return torch.empty_like(xy), torch.empty_like(z), torch.empty_like(attrs)
 
 
-__all__ = ["available", "band_rows_for", "find_runs", "library", "status", "sweep_forward", "sweep_jvp", "sweep_vjp",
+__all__ = ["available", "band_rows_for", "covered", "find_runs", "library", "status", "sweep_forward", "sweep_jvp", "sweep_vjp",
            "valid_faces"]
 
 if sys.platform == "win32":  # the build line above is for Unix compilers
