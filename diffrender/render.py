@@ -223,7 +223,10 @@ def render(verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs, settings:
     shaded = "depth" in outputs or "rgb" in outputs
     faces = faces.long()
     lit = lights is not None
-    if pairs.runs is not None and texture is None and use_native(verts.device, settings.backend):
+    if settings.backend == "native" and pairs.runs is None:
+        raise ValueError("backend='native' needs pairs from the compiled search (prepare with backend 'native' or "
+                         "'auto' on the CPU)")
+    if pairs.runs is not None and texture is None and use_native(xy, settings.backend):
         alpha, blended = _sweep_native(xy, z, verts, faces, camera, pairs, settings, colors if "rgb" in outputs
                                        else None, lit, shaded)
     else:

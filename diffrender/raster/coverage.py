@@ -16,6 +16,7 @@ renders the same images.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -24,6 +25,10 @@ from torch import Tensor
 
 from . import native
 from .geometry import Triangles, distance2, edge_functions, face_rows, inside
+
+# Lazily derived integer arrays of a Pairs may first be asked for inside a torch.func transform (render is
+# what the solvers transform); they are plain constants, so they are computed outside the transform.
+_plain = getattr(torch._C, "_DisableFuncTorch", contextlib.nullcontext)
 
 # Candidates processed at once in the tight test of the PyTorch search: bounds its temporary memory.
 CHUNK = 1 << 21
@@ -65,13 +70,17 @@ class Pairs:
 
     def _expand(self) -> tuple[Tensor, Tensor]:
         if self._per_pair is None:
-            vf, first, length = self.runs.unbind(1)
-            start = torch.cumsum(length, 0) - length
-            step = torch.arange(self.num_pairs, device=length.device) - torch.repeat_interleave(
-                start, length, output_size=self.num_pairs)
-            self._per_pair = (torch.repeat_interleave(vf, length, output_size=self.num_pairs),
-                              torch.repeat_interleave(first, length, output_size=self.num_pairs) + step)
+            with _plain(), torch.no_grad():
+                self._per_pair = self._expand_runs()
         return self._per_pair
+
+    def _expand_runs(self) -> tuple[Tensor, Tensor]:
+        vf, first, length = self.runs.unbind(1)
+        start = torch.cumsum(length, 0) - length
+        step = torch.arange(self.num_pairs, device=length.device) - torch.repeat_interleave(
+            start, length, output_size=self.num_pairs)
+        return (torch.repeat_interleave(vf, length, output_size=self.num_pairs),
+                torch.repeat_interleave(first, length, output_size=self.num_pairs) + step)
 
     @property
     def view_face(self) -> Tensor:
@@ -86,11 +95,16 @@ class Pairs:
     @cached_property
     def face(self) -> Tensor:
         """(P,) face index of each pair."""
-        return self.view_face % self.num_faces
+        with _plain(), torch.no_grad():
+            return self.view_face % self.num_faces
 
     @cached_property
     def covered(self) -> Tensor:
         """(K,) sorted flat indices of the pixels with at least one pair (the others render as background)."""
+        with _plain(), torch.no_grad():
+            return self._covered()
+
+    def _covered(self) -> Tensor:
         if self.runs is not None and self.runs.device.type == "cpu" and native.available():
             mask = native.covered(self.runs, self.num_views * self.height * self.width)
         else:
@@ -101,9 +115,10 @@ class Pairs:
     def centers(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Pixel centers (px, py), each (P,), in ``dtype``."""
         if dtype not in self._centers:
-            col = self.pixel % self.width
-            row = torch.div(self.pixel, self.width, rounding_mode="floor") % self.height
-            self._centers[dtype] = (col.to(dtype) + 0.5, row.to(dtype) + 0.5)
+            with _plain(), torch.no_grad():
+                col = self.pixel % self.width
+                row = torch.div(self.pixel, self.width, rounding_mode="floor") % self.height
+                self._centers[dtype] = (col.to(dtype) + 0.5, row.to(dtype) + 0.5)
         return self._centers[dtype]
 
 
@@ -118,7 +133,7 @@ def front_facing(area2: Tensor) -> Tensor:
 
 def searched_faces(xy: Tensor, z: Tensor, faces: Tensor, near: float, cull_backfaces: bool, backend: str) -> Tensor:
     """``valid_faces`` as the search of ``backend`` computes it (N*F,) bool. xy: (N, V, 2); z: (N, V)."""
-    if use_native(xy.device, backend):
+    if use_native(xy, backend):
         return native.valid_faces(xy, z, faces, near, cull_backfaces)
     return valid_faces(z, faces, face_rows(xy, z, faces)[1], near, cull_backfaces)
 
@@ -131,15 +146,22 @@ def valid_faces(z: Tensor, faces: Tensor, area2: Tensor, near: float, cull_backf
     return valid & front_facing(area2) if cull_backfaces else valid
 
 
-def use_native(device: torch.device, backend: str) -> bool:
-    """Whether the compiled kernels serve tensors on ``device`` under ``backend`` ("auto", "native", "torch")."""
+def use_native(x: Tensor, backend: str) -> bool:
+    """Whether the compiled kernels serve tensors like ``x`` under ``backend`` ("auto", "native", "torch"):
+    float32 or float64 on the CPU, and the kernels could be built."""
     if backend == "torch":
         return False
-    ok = device.type == "cpu" and native.available()
-    if backend == "native" and not ok:
-        why = f"the tensors are on {device.type}" if device.type != "cpu" else native.status()
+    if x.device.type != "cpu":
+        why = f"the tensors are on {x.device.type}"
+    elif x.dtype not in (torch.float32, torch.float64):
+        why = f"the kernels take float32 or float64, not {x.dtype}"
+    elif not native.available():
+        why = native.status()
+    else:
+        return True
+    if backend == "native":
         raise RuntimeError(f"backend='native' asked for, but {why}")
-    return ok
+    return False
 
 
 @torch.no_grad()
@@ -153,10 +175,12 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
     """
     n, f = xy.shape[0], faces.shape[0]
     radius = radius + SLACK_PX
-    if use_native(xy.device, backend):
+    if use_native(xy, backend):
         runs, band_off, band_pairs, band_rows = native.find_runs(xy, z, faces, height, width, radius, near,
                                                                  cull_backfaces)
-        return Pairs(n, height, width, f, int(band_pairs[-1]), runs, band_off, band_pairs, band_rows)
+        pairs = Pairs(n, height, width, f, int(band_pairs[-1]), runs, band_off, band_pairs, band_rows)
+        pairs.covered  # noqa: B018  (computed now, outside any transform that may render with these pairs)
+        return pairs
 
     rows, area2 = face_rows(xy, z, faces)
     valid = valid_faces(z, faces, area2, near, cull_backfaces)
@@ -202,4 +226,6 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
     def cat(parts: list[Tensor]) -> Tensor:
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=xy.device)
 
-    return Pairs.from_pairs(cat(keep_vf), cat(keep_pix), n, height, width, f)
+    pairs = Pairs.from_pairs(cat(keep_vf), cat(keep_pix), n, height, width, f)
+    pairs.covered  # noqa: B018  (computed now, outside any transform that may render with these pairs)
+    return pairs
