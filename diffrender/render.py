@@ -26,7 +26,7 @@ from torch import Tensor
 from .camera import Camera
 from .mesh import Mesh, vertex_normals
 from .raster import fused
-from .raster.coverage import Pairs, find_pairs, searched_faces, use_native
+from .raster.coverage import Pairs, find_pairs, front_facing, searched_faces, use_native
 from .raster.culling import should_cull
 from .raster.geometry import Triangles, barycentrics, edge_functions, face_rows
 from .raster.shading import Lights, Material, shade
@@ -128,10 +128,12 @@ class PairCache:
     ``get(verts, camera)`` returns the pairs of a search with ``margin_px`` added to the settings' own
     margin. A distance to a triangle changes by at most the largest displacement of its vertices, so
     the list stays complete while every vertex of every face that can have pairs moved less than
-    ``margin_px`` on screen since the search, and while that set of faces (front-facing under culling,
-    in front of the near plane, non-degenerate) is unchanged; ``render`` drops the pairs beyond the
-    cutoff, so the images and derivatives are exactly those of a fresh search with the same margin.
-    Otherwise it searches again. ``searches`` and ``reuses`` count what happened. faces: (F, 3).
+    ``margin_px`` on screen since the search, and while that set of faces (in front of the near plane,
+    non-degenerate) is unchanged. Back faces are searched too and culled by ``render`` at the geometry
+    it renders, so faces turning along the contour (every small step of a deforming mesh turns some)
+    need no new search; ``render`` also drops the pairs beyond the cutoff, so the images and
+    derivatives are exactly those of a fresh search with the same margin. Otherwise it searches again.
+    ``searches`` and ``reuses`` count what happened. faces: (F, 3).
     """
 
     def __init__(self, faces: Tensor, settings: RenderSettings, margin_px: float = 1.0) -> None:
@@ -155,7 +157,7 @@ class PairCache:
         faces = self.faces.long()
         xy, z = camera.project(verts)
         cull = should_cull(self.settings.cull_backfaces, verts, self.faces, camera)
-        valid = searched_faces(xy, z, faces, camera.near, cull, self.settings.backend)  # what the search keeps
+        valid = searched_faces(xy, z, faces, camera.near, False, self.settings.backend)  # what the search keeps
         key = (camera.num_views, camera.height, camera.width, camera.near, cull, verts.shape[0], verts.dtype)
         if self._pairs is not None and key == self._key and torch.equal(valid, self._valid):
             moved = (xy - self._xy).norm(dim=-1)[:, faces].amax(-1).reshape(-1)  # (N*F,) largest vertex move
@@ -164,8 +166,9 @@ class PairCache:
                 return self._pairs
         _check_values(verts, self.faces)
         self._pairs = find_pairs(xy, z, faces, camera.height, camera.width,
-                                 self.settings.radius_px(camera.height, camera.width), camera.near, cull,
+                                 self.settings.radius_px(camera.height, camera.width), camera.near, False,
                                  self.settings.backend)
+        self._pairs.cull = cull
         self._xy, self._valid, self._key = xy, valid, key
         self.searches += 1
         return self._pairs
@@ -278,7 +281,8 @@ def _sweep_native(xy: Tensor, z: Tensor, verts: Tensor, faces: Tensor, camera: C
     else:
         attrs = xy.new_zeros(verts.shape[0], 0)
     spec = fused.SweepSpec(faces.contiguous(), pairs.runs, pairs.band_off, pairs.band_pairs,
-                           (camera.num_views * h * w, faces.shape[0], h, w, int(shaded), pairs.band_rows),
+                           (camera.num_views * h * w, faces.shape[0], h, w, int(shaded), pairs.band_rows,
+                            int(pairs.cull)),
                            (settings.ndc_per_px(h, w) ** 2 / settings.sigma, settings.cutoff_px(h, w) ** 2,
                             1 / ((camera.far - camera.near) * settings.gamma)))
     return fused.sweep(xy, z, attrs.to(xy.dtype), spec)
@@ -291,10 +295,13 @@ def _sweep_torch(xy: Tensor, z: Tensor, verts: Tensor, faces: Tensor, camera: Ca
     """The same as ``_sweep_native`` with PyTorch ops over the pair list (any device; textures)."""
     h, w = camera.height, camera.width
     num_pixels = camera.num_views * h * w
-    table = face_rows(xy, z, faces)[0].T.contiguous()
+    rows, area2 = face_rows(xy, z, faces)
+    table = rows.T.contiguous()
     px, py = pairs.centers(table.dtype)
     logits, keep = coverage_logits(table, pairs.view_face, px, py, settings.ndc_per_px(h, w), settings.sigma,
                                    settings.cutoff_px(h, w) ** 2)
+    if pairs.cull:  # faces that turned away since the pairs were found contribute nothing
+        keep = keep & front_facing(area2.detach()).index_select(0, pairs.view_face)
     alpha = silhouette(logits, keep, pairs.pixel, num_pixels)
     if not shaded:
         return alpha, None

@@ -45,7 +45,9 @@ class Pairs:
     instead: ``runs`` (R, 3) = (view_face, first pixel, length) of consecutive pixels of one row near one
     face, grouped by bands of ``band_rows`` rows (``band_off``: runs per band; ``band_pairs``: cumulative
     pairs per band); the per-pair arrays are then expanded on first use. ``face`` and ``centers``
-    (face index, pixel centers) are derived on first use too.
+    (face index, pixel centers) are derived on first use too. ``cull``: the render drops the pairs of
+    faces that are not front-facing at the geometry it renders (a list reused at nearby geometry may
+    hold faces that turned away since, or hold all faces).
     """
 
     num_views: int
@@ -57,13 +59,14 @@ class Pairs:
     band_off: Tensor | None = None
     band_pairs: Tensor | None = None
     band_rows: int = 0
+    cull: bool = False
     _per_pair: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     _centers: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_pairs(cls, view_face: Tensor, pixel: Tensor, num_views: int, height: int, width: int,
-                   num_faces: int) -> Pairs:
-        return cls(num_views, height, width, num_faces, view_face.shape[0], _per_pair=(view_face, pixel))
+                   num_faces: int, cull: bool = False) -> Pairs:
+        return cls(num_views, height, width, num_faces, view_face.shape[0], cull=cull, _per_pair=(view_face, pixel))
 
     def __len__(self) -> int:
         return self.num_pairs
@@ -178,7 +181,7 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
     if use_native(xy, backend):
         runs, band_off, band_pairs, band_rows = native.find_runs(xy, z, faces, height, width, radius, near,
                                                                  cull_backfaces)
-        pairs = Pairs(n, height, width, f, int(band_pairs[-1]), runs, band_off, band_pairs, band_rows)
+        pairs = Pairs(n, height, width, f, int(band_pairs[-1]), runs, band_off, band_pairs, band_rows, cull_backfaces)
         pairs.covered  # noqa: B018  (computed now, outside any transform that may render with these pairs)
         return pairs
 
@@ -226,6 +229,6 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
     def cat(parts: list[Tensor]) -> Tensor:
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=xy.device)
 
-    pairs = Pairs.from_pairs(cat(keep_vf), cat(keep_pix), n, height, width, f)
+    pairs = Pairs.from_pairs(cat(keep_vf), cat(keep_pix), n, height, width, f, cull_backfaces)
     pairs.covered  # noqa: B018  (computed now, outside any transform that may render with these pairs)
     return pairs

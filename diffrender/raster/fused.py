@@ -32,7 +32,7 @@ class SweepSpec:
     runs: Tensor        # (R, 3) int64: view_face, first pixel, length
     band_off: Tensor    # (NB + 1,) int64: runs per band
     band_pairs: Tensor  # (NB + 1,) int64: cumulative pairs per band (splits the work over threads)
-    dims: tuple[int, int, int, int, int, int]  # N*H*W, F, H, W, blend (0/1), band_rows
+    dims: tuple[int, int, int, int, int, int, int]  # N*H*W, F, H, W, blend (0/1), band_rows, cull (0/1)
     consts: tuple[float, float, float]  # ndc_per_px²/σ, squared cutoff radius (px²), 1/((far - near) γ)
 
     def args(self) -> tuple:

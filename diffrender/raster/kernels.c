@@ -31,7 +31,7 @@ typedef struct {
     const int64_t *faces;     /* (F, 3) */
     const int64_t *runs;      /* (R, 3): view_face, first pixel (flat over N*H*W), length */
     const int64_t *band_off;  /* (NB + 1): runs of band b are band_off[b] .. band_off[b+1] - 1 */
-    int64_t NP, V, F, H, W, C, blend, band_rows; /* NP = N*H*W */
+    int64_t NP, V, F, H, W, C, blend, band_rows, cull; /* NP = N*H*W; cull: skip faces not front-facing now */
     double scale;             /* ndc_per_px² / σ: coverage logit x = ±scale · d²(px) */
     double r2;                /* squared cutoff radius (px²): farther pairs contribute exactly nothing */
     double kz;                /* 1 / ((far - near) γ): log-weight = log sigmoid(x) - depth · kz (+ const) */
@@ -480,10 +480,12 @@ static inline int FN(next_block)(const Params *p, int64_t r_end, int64_t base, i
 }
 
 /* Per-block face: its vertex indices fv and table row f, with the band's first row folded into the y
-   coordinates (pixel centers stay band-local and small). */
+   coordinates (pixel centers stay band-local and small). Under culling, a face that is not front-facing
+   at this geometry contributes nothing (a reused pair list may hold faces that have turned away). */
 #define BLOCK_FACE(p, blk, f)                                                                       \
     const int64_t *fv = (p)->faces + 3 * ((blk).vf - n * (p)->F);                                   \
     FN(face_row)((p)->xy, (p)->z, fv, n, (p)->V, f);                                                \
+    if ((p)->cull && !(f[EX + 1] * f[EY + 2] - f[EY + 1] * f[EX + 2] < 0)) continue;                \
     for (int k_ = 0; k_ < 3; k_++) f[SY + k_] -= (T)rlo
 
 /* The per-block vector loops, each in a function of its own over restrict-qualified block arrays, which

@@ -43,7 +43,7 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 
 class _Params(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("xy", "z", "attrs", "faces", "runs", "band_off")] + \
-        [(name, ctypes.c_int64) for name in ("NP", "V", "F", "H", "W", "C", "blend", "band_rows")] + \
+        [(name, ctypes.c_int64) for name in ("NP", "V", "F", "H", "W", "C", "blend", "band_rows", "cull")] + \
         [(name, ctypes.c_double) for name in ("scale", "r2", "kz")] + \
         [(name, ctypes.c_void_p) for name in ("alpha", "out", "state", "t_xy", "t_z", "t_attrs", "t_alpha", "t_out",
                                               "g_alpha", "g_out", "g_xy", "g_z", "g_attrs")]
@@ -251,10 +251,10 @@ def covered(runs: Tensor, num_pixels: int) -> Tensor:
 
 def _params(xy: Tensor, z: Tensor, attrs: Tensor, faces: Tensor, runs: Tensor, band_off: Tensor,
             dims: Sequence[int], consts: Sequence[float], **tensors: Tensor | None) -> _Params:
-    npix, f, h, w, blend, band_rows = dims
+    npix, f, h, w, blend, band_rows, cull = dims
     prm = _Params(xy=_ptr(xy), z=_ptr(z), attrs=_ptr(attrs), faces=_ptr(faces), runs=_ptr(runs),
                   band_off=_ptr(band_off), NP=npix, V=z.shape[1], F=f, H=h, W=w, C=attrs.shape[1], blend=blend,
-                  band_rows=band_rows)
+                  band_rows=band_rows, cull=cull)
     prm.scale, prm.r2, prm.kz = consts
     for name, t in tensors.items():
         setattr(prm, name, _ptr(t))
@@ -284,7 +284,8 @@ def _contig(*ts: Tensor) -> list[Tensor]:
     return [t.contiguous() for t in ts]
 
 
-# The three sweeps. dims: N*H*W, F, H, W, blend (0/1), band_rows; consts: scale, r2, kz (kernels.c's Params).
+# The three sweeps. dims: N*H*W, F, H, W, blend (0/1), band_rows, cull (0/1); consts: scale, r2, kz (kernels.c's
+# Params).
 # xy: (N, V, 2) pixel coordinates and z: (N, V) depths of the vertices; attrs: (V, C); faces: (F, 3);
 # runs, band_off, band_pairs: the pairs (raster/coverage.py's Pairs).
 
@@ -352,8 +353,8 @@ def _(g_alpha, g_out, xy, z, attrs, out, state, faces, runs, band_off, band_pair
     return torch.empty_like(xy), torch.empty_like(z), torch.empty_like(attrs)
 
 
-__all__ = ["available", "band_rows_for", "covered", "find_runs", "library", "status", "sweep_forward", "sweep_jvp", "sweep_vjp",
-           "valid_faces"]
+__all__ = ["available", "band_rows_for", "covered", "find_runs", "library", "status", "sweep_forward", "sweep_jvp",
+           "sweep_vjp", "valid_faces"]
 
 if sys.platform == "win32":  # the build line above is for Unix compilers
     _error = "compiled kernels are built on Unix-like systems only"
