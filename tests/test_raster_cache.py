@@ -34,8 +34,8 @@ def screen_shift(cam, a, b):
 def test_reused_pairs_render_exactly_what_a_fresh_search_does(backend):
     torch.manual_seed(0)
     mesh = icosphere(2, dtype=D)
-    cam = camera_from_look_at(torch.tensor([[0.3, 0.5, 3.0], [-2.2, 0.4, 1.5]], dtype=D), fov_deg=45, height=40,
-                              width=44)
+    cam = camera_from_look_at(torch.tensor([[0.3, 0.5, 3.0], [-2.2, 0.4, 1.5]], dtype=D), fov_deg=45, height=24,
+                              width=28)
     settings = RenderSettings(sigma=3e-4, gamma=1e-2, backend=backend)
     cache = PairCache(mesh.faces, settings, margin_px=1.0)
     colors = torch.rand_like(mesh.verts)
@@ -53,7 +53,7 @@ def test_reused_pairs_render_exactly_what_a_fresh_search_does(backend):
     no_margin = outputs(v1, mesh.faces, cam, prepare(v1, mesh.faces, cam, settings), settings, colors)
     x = (v1, colors)
     y = f_fresh(*x)
-    assert y.abs().sum() > 100
+    assert y.abs().sum() > 50
     # ... but the same images and derivatives, also as with no margin at all (the cutoff is the renderer's)
     for g in (f_reused, no_margin):
         assert torch.allclose(g(*x), y, rtol=0, atol=1e-12)

@@ -54,7 +54,7 @@ def test_compiled_search_finds_the_pytorch_pairs():
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 2e-3)])
 def test_compiled_render_equals_pytorch_values_and_derivatives(dtype, rtol):
-    mesh, cam, colors, lights = scene(dtype)
+    mesh, cam, colors, lights = scene(dtype, h=32, w=36)
     (f_t, _), (f_n, pairs) = pipeline("torch", mesh, cam, lights), pipeline("native", mesh, cam, lights)
     assert pairs.runs is not None
     x = (mesh.verts, colors)
@@ -114,7 +114,7 @@ def test_compiled_gradcheck_tiny_scene():
         return out["alpha"], out["depth"], out["rgb"]
 
     args = (verts.clone().requires_grad_(), torch.rand(12, 3, dtype=D).requires_grad_())
-    assert torch.autograd.gradcheck(f, args, check_forward_ad=True, check_backward_ad=True)
+    assert torch.autograd.gradcheck(f, args, check_forward_ad=True, fast_mode=True)
 
 
 def test_fallback_when_the_kernels_are_unavailable(monkeypatch):
