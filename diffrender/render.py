@@ -28,7 +28,7 @@ from .mesh import Mesh, vertex_normals
 from .raster import fused
 from .raster.coverage import Pairs, find_pairs, front_facing, searched_faces, use_native
 from .raster.culling import should_cull
-from .raster.geometry import Triangles, barycentrics, edge_functions, face_rows
+from .raster.geometry import Triangles, barycentrics, edge_functions, face_table
 from .raster.shading import Lights, Material, shade
 from .raster.soft import blend, coverage_logits, perspective_barycentrics, silhouette
 from .raster.texture import sample_bilinear
@@ -295,8 +295,7 @@ def _sweep_torch(xy: Tensor, z: Tensor, verts: Tensor, faces: Tensor, camera: Ca
     """The same as ``_sweep_native`` with PyTorch ops over the pair list (any device; textures)."""
     h, w = camera.height, camera.width
     num_pixels = camera.num_views * h * w
-    rows, area2 = face_rows(xy, z, faces)
-    table = rows.T.contiguous()
+    table, area2 = face_table(xy, z, faces)
     px, py = pairs.centers(table.dtype)
     logits, keep = coverage_logits(table, pairs.view_face, px, py, settings.ndc_per_px(h, w), settings.sigma,
                                    settings.cutoff_px(h, w) ** 2)

@@ -9,8 +9,8 @@ Times are medians over --repeats runs after a warm-up. "prep" is a fresh pair se
 pays at a trial point that moved no vertex farther than the margin; "fwd", "fwd+bwd", "jvp" (one
 product of a ``torch.func.linearize`` map) and "vjp" (one call of a reused ``torch.func.vjp``) are the
 differentiable render given the pairs; "total" = prep + fwd+bwd, what one Adam step costs without
-reuse; "prep/fb" = prep / fwd+bwd. Peak memory is what one forward+backward adds on top of the scene
-and its pairs: torch.cuda.max_memory_allocated on CUDA; on CPU the growth of the peak resident set in a
+reuse; "prep/fb" = prep / fwd+bwd. Peak memory is what one forward+backward (after a first one) adds
+on top of the scene and its pairs: torch.cuda.max_memory_allocated on CUDA; on CPU the growth of the peak resident set in a
 fresh process whose allocator returns large blocks at once (MALLOC_MMAP_THRESHOLD_), so that resident
 memory tracks live tensors (Linux /proc, peak reset through clear_refs). With both --cull on and off,
 a second table gives what culling changes in the images. --vs-pytorch3d times PyTorch3D's soft
@@ -114,7 +114,7 @@ def bench_row(mesh: Mesh, mesh_name: str, size: int, views: int, mode: str, devi
     cache.get(verts, cam)
     reuse_ms = median_ms(lambda: cache.get(verts, cam), device, repeats)
     if device.type == "cuda":
-        peak = peak_mb(fwd_bwd, device)
+        peak = peak_mb(fwd_bwd, device)  # after the warm-up of median_ms
     else:
         peak = peak_in_subprocess(mesh_name, size, views, mode, cull, backend, torch.get_num_threads())
     u = (torch.randn_like(verts) * 1e-3, torch.randn_like(colors))
@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.peak_only:  # internal: one row's CPU peak memory, measured in this fresh process
         fwd_bwd = setup(MESHES[args.mesh[0]](), args.size[0], args.views[0], args.mode[0], device, culls[0],
                         args.backend)[-1]
+        fwd_bwd()  # warm-up: one-time allocations (autograd engine, kernels, thread pool) are not per step
         print(peak_mb(fwd_bwd, device))
         return 0
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

@@ -1,11 +1,11 @@
 """Screen-space triangle geometry shared by pair finding and soft coverage.
 
 Everything that depends only on the triangle is computed once per (view, face): one row of 19 values
-per view-face (``face_rows``, what the compiled kernels read) or, for the PyTorch path, the same
-stored component-major in one (19, N*F) table (``face_table``); each (face, pixel) pair gathers its column with a single
-``index_select`` along dim 1. The gathered fields are then contiguous (3, P) blocks, so the
-elementwise math runs on contiguous memory, and the backward scatter (``index_add`` along dim 1)
-is several times faster than the row-major equivalent on CPU.
+(``face_rows``; the compiled kernels compute the same rows in C), stored component-major in one
+(19, N*F) table for the PyTorch path (``face_table``); each (face, pixel) pair gathers its column with a
+single ``index_select`` along dim 1. The gathered fields are then contiguous (3, P) blocks, so the
+elementwise math runs on contiguous memory, and the backward scatter (``index_add`` along dim 1) is
+several times faster than the row-major equivalent on CPU.
 
 Edge k is the edge opposite vertex k: it starts at s_k = v_{k+1} with direction e_k = v_{k+2} - v_{k+1}.
 Then the edge function E_k(p) = cross(e_k, p - s_k) is 2·area·l_k, l_k the barycentric weight of

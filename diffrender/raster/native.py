@@ -13,6 +13,7 @@ The differentiable sweeps are registered as ``torch.library`` custom ops, so tha
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,6 +92,10 @@ def _build() -> ctypes.CDLL:
     target = _cache_dir() / f"kernels-{key}.so"
     if not target.exists():
         _compile(cc, target)
+        for old in target.parent.glob("kernels-*.so"):  # builds of other versions, unused for a week
+            with contextlib.suppress(OSError):
+                if old != target and time.time() - old.stat().st_atime > 7 * 86400:
+                    old.unlink()
     lib = ctypes.CDLL(str(target))
     p, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     for sfx in ("f32", "f64"):

@@ -2,8 +2,10 @@
 
 Coverage of a pair: D = sigmoid(δ d² / σ), d the distance from the pixel center to the triangle in
 NDC units (the shorter image side spans [-1, 1], as in SoftRas and PyTorch3D), δ = +1 inside and -1
-outside. Everything here is elementwise on the pair list plus ``index_add`` into pixels, so it
-works in reverse and forward mode and under ``torch.func.linearize``.
+outside, and D = 0 beyond the cutoff radius (pairs outside the triangle and farther than it count
+for nothing, so any superset of the pairs that matter renders the same). Everything here is
+elementwise on the pair list plus ``index_add`` into pixels, so it works in reverse and forward mode
+and under ``torch.func.linearize``. The compiled sweep (raster/fused.py) computes the same.
 """
 
 from __future__ import annotations
