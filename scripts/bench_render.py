@@ -54,7 +54,7 @@ SIGMA = GAMMA = 1e-4
 
 def peak_in_subprocess(mesh: str, size: int, views: int, mode: str, cull: str, backend: str, threads: int) -> float:
     """CPU peak memory of one row, measured in a fresh process (see the module docstring)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4096", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [sys.executable, __file__, "--peak-only", "--mesh", mesh, "--size", str(size), "--views", str(views),
            "--mode", mode, "--cull", cull, "--backend", backend, "--device", "cpu", "--threads", str(threads)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
