@@ -147,6 +147,7 @@ class PairCache:
         self._pairs: Pairs | None = None
         self._xy: Tensor | None = None
         self._valid: Tensor | None = None
+        self._used: Tensor | None = None
         self._key: tuple | None = None
 
     @torch.no_grad()
@@ -160,8 +161,8 @@ class PairCache:
         valid = searched_faces(xy, z, faces, camera.near, False, self.settings.backend)  # what the search keeps
         key = (camera.num_views, camera.height, camera.width, camera.near, cull, verts.shape[0], verts.dtype)
         if self._pairs is not None and key == self._key and torch.equal(valid, self._valid):
-            moved = (xy - self._xy).norm(dim=-1)[:, faces].amax(-1).reshape(-1)  # (N*F,) largest vertex move
-            if not bool((moved[valid] > self.margin_px).any()):
+            moved = (xy - self._xy).norm(dim=-1)  # (N, V) on-screen move of every vertex since the search
+            if not bool((moved[self._used] > self.margin_px).any()):
                 self.reuses += 1
                 return self._pairs
         _check_values(verts, self.faces)
@@ -169,6 +170,11 @@ class PairCache:
                                  self.settings.radius_px(camera.height, camera.width), camera.near, False,
                                  self.settings.backend)
         self._pairs.cull = cull
+        # the vertices that matter: those of faces that can have pairs, per view (N, V)
+        vf = valid.nonzero().squeeze(1)
+        view, face = torch.div(vf, faces.shape[0], rounding_mode="floor"), vf % faces.shape[0]
+        self._used = torch.zeros(camera.num_views, verts.shape[0], dtype=torch.bool, device=verts.device)
+        self._used[view.repeat_interleave(3), faces.index_select(0, face).reshape(-1)] = True
         self._xy, self._valid, self._key = xy, valid, key
         self.searches += 1
         return self._pairs
