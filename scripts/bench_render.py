@@ -10,9 +10,10 @@ pays at a trial point that moved no vertex farther than the margin; "fwd", "fwd+
 product of a ``torch.func.linearize`` map) and "vjp" (one call of a reused ``torch.func.vjp``) are the
 differentiable render given the pairs; "total" = prep + fwd+bwd, what one Adam step costs without
 reuse; "prep/fb" = prep / fwd+bwd. Peak memory is what one forward+backward (after a first one) adds
-on top of the scene and its pairs: torch.cuda.max_memory_allocated on CUDA; on CPU the growth of the peak resident set in a
-fresh process whose allocator returns large blocks at once (MALLOC_MMAP_THRESHOLD_), so that resident
-memory tracks live tensors (Linux /proc, peak reset through clear_refs). With both --cull on and off,
+on top of the scene and its pairs: torch.cuda.max_memory_allocated on CUDA; on CPU the growth of the
+peak resident set in a fresh process whose allocator maps every block over 4 KiB on its own and
+returns it at once (MALLOC_MMAP_THRESHOLD_), so that resident memory tracks live tensors (Linux /proc,
+peak reset through clear_refs). With both --cull on and off,
 a second table gives what culling changes in the images. --vs-pytorch3d times PyTorch3D's soft
 silhouette (same mesh, cameras, σ, γ; K = 50 faces per pixel, no culling) in this process, if it is
 importable, and compares the values.
