@@ -70,7 +70,9 @@ class RendererConfig:
     sigma: float | None = None  # SoftRas blur in NDC² units (PyTorch3D's convention)
     gamma: float | None = None  # SoftRas depth temperature
     coarse_to_fine: bool | None = None  # run the scene's σ schedule (True) or only its final σ (False)
-    cull_backfaces: bool = False  # SoftRas counts back faces; true: faster, for closed consistently wound meshes
+    # null: auto (cull exactly for closed, consistently and outward wound meshes seen from outside, where it
+    # cannot change the hard silhouette); true / false: always / never (SoftRas and PyTorch3D never cull)
+    cull_backfaces: bool | None = None
     eps: float | None = None  # coverage cutoff (null: the renderer's default)
     margin_px: float | None = None  # extra pixels of pairs beyond the cutoff (null: the renderer's default)
 

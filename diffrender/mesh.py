@@ -26,6 +26,7 @@ __all__ = [
     "face_normals",
     "vertex_normals",
     "edges",
+    "is_closed_and_consistently_wound",
     "laplacian",
 ]
 
@@ -566,6 +567,23 @@ def edges(faces: Tensor) -> Tensor:
     sorted lexicographically. A closed genus-0 mesh has E = V + F - 2."""
     e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).long()
     return torch.unique(e.sort(dim=1).values, dim=0)
+
+
+def is_closed_and_consistently_wound(faces: Tensor) -> bool:
+    """Whether every edge of `faces: (F, 3)` is shared by exactly two faces that traverse it in opposite
+    directions: the mesh is closed (watertight, no boundary) and its winding is consistent, so seen from
+    outside no back face is ever visible (what back-face culling needs). Faces with a repeated vertex
+    make it False."""
+    f = faces.long()
+    if f.numel() == 0 or bool((f[:, 0] == f[:, 1]).any() | (f[:, 1] == f[:, 2]).any() | (f[:, 2] == f[:, 0]).any()):
+        return False
+    a, b = f.reshape(-1), f.roll(-1, dims=1).reshape(-1)  # directed edges a -> b of every face
+    n = int(f.max()) + 1
+    code, reverse = a * n + b, b * n + a
+    code_sorted = code.sort().values
+    if bool((code_sorted[1:] == code_sorted[:-1]).any()):
+        return False  # a directed edge used twice: inconsistent winding or a non-manifold edge
+    return bool(torch.isin(reverse, code_sorted).all())  # every edge is met again the other way round
 
 
 def laplacian(verts: Tensor, faces: Tensor, kind: str = "uniform") -> Tensor:

@@ -3,22 +3,31 @@
 Rendering is split in two so that a solver can linearize it once and apply many products:
 
 * ``prepare(verts, faces, camera, settings)`` finds the (face, pixel) pairs: integer work without
-  gradients that depends on the current geometry (call it again whenever vertices or cameras move);
+  gradients that depends on the current geometry (call it again whenever vertices or cameras move,
+  or let a ``PairCache`` decide when a list built with a margin can be reused);
 * ``render(verts, faces, camera, pairs, settings, ...)`` is smooth given the pairs, so
   ``torch.func.jvp``, ``torch.func.linearize``, ``torch.func.vjp`` and ``.backward()`` all work.
+
+A pair contributes only while its pixel lies inside its face or within the cutoff radius: ``render``
+tests that itself, so any pair list that contains all such pairs (a superset) gives the same images.
+On CPU, the compiled kernels (raster/native.py, raster/fused.py) do the search and the whole
+per-pixel sweep; elsewhere, or with ``backend="torch"``, the PyTorch path (raster/soft.py) does, and
+it is the reference the kernels are tested against.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from .camera import Camera
 from .mesh import Mesh, vertex_normals
-from .raster.coverage import Pairs, find_pairs
+from .raster import fused
+from .raster.coverage import Pairs, find_pairs, front_facing, searched_faces, use_native
+from .raster.culling import should_cull
 from .raster.geometry import Triangles, barycentrics, edge_functions, face_table
 from .raster.shading import Lights, Material, shade
 from .raster.soft import blend, coverage_logits, perspective_barycentrics, silhouette
@@ -32,9 +41,13 @@ class RenderSettings:
     """Soft rasterizer options; σ, γ and ε have their SoftRas / PyTorch3D meaning and defaults.
 
     sigma: sharpness of the coverage sigmoid (NDC² units); gamma: depth softmax temperature;
-    eps: coverage below which a face is ignored (sets the cutoff radius); margin_px: extra pixels of
-    pairs kept beyond the cutoff so that small steps do not need new pairs; background: RGB behind
-    the mesh; cull_backfaces: ignore faces wound clockwise on screen.
+    eps: coverage below which a pair is ignored (sets the cutoff radius: beyond it a pair contributes
+    exactly nothing); margin_px: extra search radius, so that a pair list stays complete while no
+    vertex moves farther than it on screen (see ``PairCache``); background: RGB behind the mesh;
+    cull_backfaces: ignore faces wound clockwise on screen: True, False, or "auto" (cull exactly when
+    that cannot change the hard silhouette: a closed, consistently and outward wound mesh seen from
+    outside; raster/culling.py); backend: "auto" (compiled kernels for CPU tensors when a C compiler
+    is available), "native" (require them) or "torch" (the PyTorch path).
     """
 
     sigma: float = 1e-4
@@ -42,7 +55,8 @@ class RenderSettings:
     eps: float = 1e-4
     margin_px: float = 0.0
     background: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    cull_backfaces: bool = True
+    cull_backfaces: bool | str = "auto"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("sigma", "gamma", "eps"):
@@ -52,14 +66,24 @@ class RenderSettings:
             raise ValueError(f"RenderSettings.eps must be < 0.5, got {self.eps}")
         if len(self.background) != 3:
             raise ValueError(f"RenderSettings.background must be RGB, got {self.background}")
+        if not self.margin_px >= 0:
+            raise ValueError(f"RenderSettings.margin_px must be >= 0, got {self.margin_px}")
+        if self.cull_backfaces not in (True, False, "auto"):
+            raise ValueError(f"RenderSettings.cull_backfaces must be True, False or 'auto', "
+                             f"got {self.cull_backfaces!r}")
+        if self.backend not in ("auto", "native", "torch"):
+            raise ValueError(f"RenderSettings.backend must be 'auto', 'native' or 'torch', got {self.backend!r}")
 
     def ndc_per_px(self, height: int, width: int) -> float:
         return 2.0 / min(height, width)
 
+    def cutoff_px(self, height: int, width: int) -> float:
+        """Cutoff radius in pixels: D < eps  <=>  d² > σ ln(1/eps - 1)."""
+        return math.sqrt(self.sigma * math.log(1 / self.eps - 1)) / self.ndc_per_px(height, width)
+
     def radius_px(self, height: int, width: int) -> float:
-        """Cutoff radius in pixels: D < eps  <=>  d² > σ ln(1/eps - 1), plus the margin."""
-        d = math.sqrt(self.sigma * math.log(1 / self.eps - 1)) / self.ndc_per_px(height, width)
-        return d + self.margin_px
+        """Search radius in pixels: the cutoff plus the margin."""
+        return self.cutoff_px(height, width) + self.margin_px
 
 
 def _check_geometry(verts: Tensor, faces: Tensor) -> None:
@@ -73,6 +97,16 @@ def _check_geometry(verts: Tensor, faces: Tensor) -> None:
         raise ValueError(f"faces: expected an integer dtype, got {faces.dtype}")
 
 
+def _check_values(verts: Tensor, faces: Tensor) -> None:
+    if not torch.isfinite(verts).all():
+        raise ValueError("verts: contains NaN or inf")
+    lo, hi = int(faces.min()), int(faces.max())
+    if lo < 0 or hi >= verts.shape[0]:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"faces: index {bad} out of range for {verts.shape[0]} vertices")
+
+
+@torch.no_grad()
 def prepare(verts: Tensor, faces: Tensor, camera: Camera, settings: RenderSettings) -> Pairs:
     """The (face, pixel) pairs for the current geometry; no gradients flow through this.
 
@@ -80,17 +114,70 @@ def prepare(verts: Tensor, faces: Tensor, camera: Camera, settings: RenderSettin
     vertices or out-of-range face indices.
     """
     _check_geometry(verts, faces)
-    with torch.no_grad():
-        if not torch.isfinite(verts).all():
-            raise ValueError("verts: contains NaN or inf")
-        lo, hi = int(faces.min()), int(faces.max())
-        if lo < 0 or hi >= verts.shape[0]:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"faces: index {bad} out of range for {verts.shape[0]} vertices")
-        xy, z = camera.project(verts.detach())
+    verts = verts.detach()
+    _check_values(verts, faces)
+    xy, z = camera.project(verts)
+    cull = should_cull(settings.cull_backfaces, verts, faces, camera)
     return find_pairs(xy, z, faces.long(), camera.height, camera.width,
-                      settings.radius_px(camera.height, camera.width), camera.near,
-                      settings.cull_backfaces)
+                      settings.radius_px(camera.height, camera.width), camera.near, cull, settings.backend)
+
+
+class PairCache:
+    """Reuses one pair list across nearby geometry: solver trial points, small optimizer steps.
+
+    ``get(verts, camera)`` returns the pairs of a search with ``margin_px`` added to the settings' own
+    margin. A distance to a triangle changes by at most the largest displacement of its vertices, so
+    the list stays complete while every vertex of every face that can have pairs moved less than
+    ``margin_px`` on screen since the search, and while that set of faces (in front of the near plane,
+    non-degenerate) is unchanged. Back faces are searched too and culled by ``render`` at the geometry
+    it renders, so faces turning along the contour (every small step of a deforming mesh turns some)
+    need no new search; ``render`` also drops the pairs beyond the cutoff, so the images and
+    derivatives are exactly those of a fresh search with the same margin. Otherwise it searches again.
+    ``searches`` and ``reuses`` count what happened. faces: (F, 3).
+    """
+
+    def __init__(self, faces: Tensor, settings: RenderSettings, margin_px: float = 1.0) -> None:
+        if not margin_px >= 0:
+            raise ValueError(f"PairCache: margin_px must be >= 0, got {margin_px}")
+        self.faces = faces
+        self.settings = replace(settings, margin_px=settings.margin_px + margin_px)
+        self.margin_px = margin_px
+        self.searches = 0
+        self.reuses = 0
+        self._pairs: Pairs | None = None
+        self._xy: Tensor | None = None
+        self._valid: Tensor | None = None
+        self._used: Tensor | None = None
+        self._key: tuple | None = None
+
+    @torch.no_grad()
+    def get(self, verts: Tensor, camera: Camera) -> Pairs:
+        """Pairs for ``verts`` (V, 3) seen by ``camera``: the cached list when still complete, else a new search."""
+        _check_geometry(verts, self.faces)
+        verts = verts.detach()
+        faces = self.faces.long()
+        xy, z = camera.project(verts)
+        cull = should_cull(self.settings.cull_backfaces, verts, self.faces, camera)
+        valid = searched_faces(xy, z, faces, camera.near, False, self.settings.backend)  # what the search keeps
+        key = (camera.num_views, camera.height, camera.width, camera.near, cull, verts.shape[0], verts.dtype)
+        if self._pairs is not None and key == self._key and torch.equal(valid, self._valid):
+            moved = (xy - self._xy).norm(dim=-1)  # (N, V) on-screen move of every vertex since the search
+            if not bool((moved[self._used] > self.margin_px).any()):
+                self.reuses += 1
+                return self._pairs
+        _check_values(verts, self.faces)
+        self._pairs = find_pairs(xy, z, faces, camera.height, camera.width,
+                                 self.settings.radius_px(camera.height, camera.width), camera.near, False,
+                                 self.settings.backend)
+        self._pairs.cull = cull
+        # the vertices that matter: those of faces that can have pairs, per view (N, V)
+        vf = valid.nonzero().squeeze(1)
+        view, face = torch.div(vf, faces.shape[0], rounding_mode="floor"), vf % faces.shape[0]
+        self._used = torch.zeros(camera.num_views, verts.shape[0], dtype=torch.bool, device=verts.device)
+        self._used[view.repeat_interleave(3), faces.index_select(0, face).reshape(-1)] = True
+        self._xy, self._valid, self._key = xy, valid, key
+        self.searches += 1
+        return self._pairs
 
 
 def _interpolate(values: Tensor, faces: Tensor, face_index: Tensor, weights: Tensor) -> Tensor:
@@ -141,41 +228,96 @@ def render(verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs, settings:
     if texture is not None and (uvs is None or uv_faces is None):
         raise ValueError("texture needs uvs (T, 2) and uv_faces (F, 3)")
 
-    num_pixels = n * h * w
     xy, z = camera.project(verts)
     shaded = "depth" in outputs or "rgb" in outputs
-    table = face_table(xy, z, faces.long())[0]
-    logits = coverage_logits(table, pairs.view_face, pairs.px, pairs.py, settings.ndc_per_px(h, w), settings.sigma)
+    faces = faces.long()
+    lit = lights is not None
+    if settings.backend == "native" and pairs.runs is None:
+        raise ValueError("backend='native' needs pairs from the compiled search (prepare with backend 'native' or "
+                         "'auto' on the CPU)")
+    if pairs.runs is not None and texture is None and use_native(xy, settings.backend):
+        alpha, blended = _sweep_native(xy, z, verts, faces, camera, pairs, settings, colors if "rgb" in outputs
+                                       else None, lit, shaded)
+    else:
+        alpha, blended = _sweep_torch(xy, z, verts, faces, camera, pairs, settings, outputs, colors, uvs, uv_faces,
+                                      texture, lit, shaded)
     result: dict[str, Tensor] = {}
-    alpha = silhouette(logits, pairs.pixel, num_pixels)
     if "alpha" in outputs:
         result["alpha"] = alpha.reshape(n, h, w)
-    if not shaded:
-        return result
-
-    rows = Triangles.gather(table, pairs.view_face)
-    bary = barycentrics(edge_functions(rows, pairs.px, pairs.py)[0], rows)
-    bary_pc, depth = perspective_barycentrics(bary, rows.z)
-    features = [depth.unsqueeze(-1)]
-    if "rgb" in outputs:
-        features.append(_surface_attributes(verts, faces, pairs, bary_pc, colors, uvs, uv_faces, texture,
-                                            lights is not None))
-    blended = blend(torch.cat(features, -1), logits, depth, pairs.pixel, num_pixels, camera.near, camera.far,
-                    settings.gamma)
     if "depth" in outputs:
         result["depth"] = blended[:, 0].reshape(n, h, w)
     if "rgb" in outputs:
-        color = blended[:, 1:4].reshape(n, h * w, 3)
-        if lights is not None:
+        # Only pixels with pairs are shaded and composited; the others show the background (α = 0).
+        cov = pairs.covered
+        b = blended.index_select(0, cov)
+        color = b[:, 1:4]
+        if lit:
             # Deferred shading: albedo and normal are blended per pixel and lit once per pixel, at the
             # point on the pixel's ray at the blended depth (cheaper than interpolating positions).
-            points = camera.backproject(blended[:, 0].reshape(n, h, w)).reshape(n, h * w, 3)
-            normals = blended[:, 4:7].reshape(n, h * w, 3)
-            color = shade(color, points, normals, camera.centers.unsqueeze(1), lights, material or Material())
+            view = torch.div(cov, h * w, rounding_mode="floor")
+            points = _backproject(camera, cov, b[:, 0])
+            color = shade(color, points, b[:, 4:7], camera.centers.index_select(0, view), lights,
+                          material or Material())
         bg = torch.as_tensor(settings.background, dtype=blended.dtype, device=blended.device)
-        a = alpha.reshape(n, h * w, 1)
-        result["rgb"] = (a * color + (1 - a) * bg).reshape(n, h, w, 3)
+        a = alpha.index_select(0, cov).unsqueeze(-1)
+        rgb = torch.zeros(n * h * w, 3, dtype=blended.dtype, device=blended.device).index_add(0, cov, a * (color - bg))
+        result["rgb"] = (rgb + bg).reshape(n, h, w, 3)
     return result
+
+
+def _backproject(camera: Camera, pixel: Tensor, depth: Tensor) -> Tensor:
+    """World points (K, 3) at camera depth ``depth`` (K,) on the rays through the flat pixels ``pixel`` (K,)."""
+    hw = camera.height * camera.width
+    view = torch.div(pixel, hw, rounding_mode="floor")
+    rest = pixel - view * hw
+    row = torch.div(rest, camera.width, rounding_mode="floor")
+    xy = torch.stack([rest - row * camera.width, row], -1).to(depth.dtype) + 0.5
+    uv = (xy - camera.principal.index_select(0, view)) / camera.focal.index_select(0, view)
+    cam = torch.cat([uv, torch.ones_like(uv[:, :1])], -1) * depth.unsqueeze(-1)
+    # x_world = Rᵀ (x_cam - t)
+    return ((cam - camera.t.index_select(0, view)).unsqueeze(-2) @ camera.R.index_select(0, view)).squeeze(-2)
+
+
+def _sweep_native(xy: Tensor, z: Tensor, verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs,
+                  settings: RenderSettings, colors: Tensor | None, lit: bool, shaded: bool) -> tuple[Tensor, Tensor]:
+    """α (N*H*W,) and blended [depth, albedo, normal] (N*H*W, 1 + C) with the compiled sweep (raster/fused.py)."""
+    h, w = camera.height, camera.width
+    if colors is not None:
+        attrs = torch.cat([colors, vertex_normals(verts, faces)], -1) if lit else colors
+    else:
+        attrs = xy.new_zeros(verts.shape[0], 0)
+    spec = fused.SweepSpec(faces.contiguous(), pairs.runs, pairs.band_off, pairs.band_pairs,
+                           (camera.num_views * h * w, faces.shape[0], h, w, int(shaded), pairs.band_rows,
+                            int(pairs.cull)),
+                           (settings.ndc_per_px(h, w) ** 2 / settings.sigma, settings.cutoff_px(h, w) ** 2,
+                            1 / ((camera.far - camera.near) * settings.gamma)))
+    return fused.sweep(xy, z, attrs.to(xy.dtype), spec)
+
+
+def _sweep_torch(xy: Tensor, z: Tensor, verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs,
+                 settings: RenderSettings, outputs: tuple[str, ...], colors: Tensor | None, uvs: Tensor | None,
+                 uv_faces: Tensor | None, texture: Tensor | None, lit: bool,
+                 shaded: bool) -> tuple[Tensor, Tensor | None]:
+    """The same as ``_sweep_native`` with PyTorch ops over the pair list (any device; textures)."""
+    h, w = camera.height, camera.width
+    num_pixels = camera.num_views * h * w
+    table, area2 = face_table(xy, z, faces)
+    px, py = pairs.centers(table.dtype)
+    logits, keep = coverage_logits(table, pairs.view_face, px, py, settings.ndc_per_px(h, w), settings.sigma,
+                                   settings.cutoff_px(h, w) ** 2)
+    if pairs.cull:  # faces that turned away since the pairs were found contribute nothing
+        keep = keep & front_facing(area2.detach()).index_select(0, pairs.view_face)
+    alpha = silhouette(logits, keep, pairs.pixel, num_pixels)
+    if not shaded:
+        return alpha, None
+    rows = Triangles.gather(table, pairs.view_face)
+    bary = barycentrics(edge_functions(rows, px, py)[0], rows)
+    bary_pc, depth = perspective_barycentrics(bary, rows.z)
+    features = [depth.unsqueeze(-1)]
+    if "rgb" in outputs:
+        features.append(_surface_attributes(verts, faces, pairs, bary_pc, colors, uvs, uv_faces, texture, lit))
+    return alpha, blend(torch.cat(features, -1), logits, keep, depth, pairs.pixel, num_pixels, camera.near,
+                        camera.far, settings.gamma)
 
 
 def _surface_attributes(verts: Tensor, faces: Tensor, pairs: Pairs, bary_pc: Tensor, colors: Tensor | None,

@@ -2,43 +2,127 @@
 
 Instead of PyTorch3D's dense top-K buffer per pixel, every face lists the pixels whose centers lie
 within ``radius`` of it (or inside it). Candidates come from each face's bounding box grown by the
-radius (a ragged expansion with ``repeat_interleave``); the exact point-to-triangle distance then
-drops the box corners. Memory and time follow the number of pairs, never pixels x faces, and no
-face is ever dropped for lack of a slot.
+radius; the exact point-to-triangle distance then drops the box corners. Memory and time follow the
+number of pairs, never pixels x faces, and no face is ever dropped for lack of a slot.
+
+Two implementations: the compiled one (``native.find_runs``: faces binned into bands of rows; per face
+and row, the interval of pixels within the radius of the triangle, a convex set, is one run of
+pixels, so no candidate is tested one by one) and the PyTorch one (a ragged expansion with
+``repeat_interleave`` and a per-candidate distance test), used on other devices and as the
+reference. Both search ``SLACK_PX`` beyond the radius: the renderer drops pairs beyond the exact
+cutoff itself, so a pair list only has to contain all pairs that matter, and any superset of them
+renders the same images.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
-from .geometry import Triangles, distance2, edge_functions, face_table, inside
+from . import native
+from .geometry import Triangles, distance2, edge_functions, face_rows, inside
 
-# Candidates processed at once in the tight test: bounds the temporary memory of pair finding.
+# Lazily derived integer arrays of a Pairs may first be asked for inside a torch.func transform (render is
+# what the solvers transform); they are plain constants, so they are computed outside the transform.
+_plain = getattr(torch._C, "_DisableFuncTorch", contextlib.nullcontext)
+
+# Candidates processed at once in the tight test of the PyTorch search: bounds its temporary memory.
 CHUNK = 1 << 21
+# Extra search radius (px), so that rounding never drops a pair the renderer's own cutoff test keeps.
+SLACK_PX = 1e-3
 
 
-@dataclass
+@dataclass(eq=False)
 class Pairs:
     """The sparse (face, pixel) list of one render, valid for the geometry it was computed from.
 
-    view_face: (P,) index ``view * F + face``; pixel: (P,) flat index ``view * H * W + row * W + col``;
-    face: (P,) face index; px, py: (P,) pixel centers. Pairs are sorted by view_face.
+    Per pair: ``view_face`` (P,) index ``view * F + face`` and ``pixel`` (P,) flat index
+    ``view * H * W + row * W + col`` (PyTorch search: face-major). The compiled search stores runs
+    instead: ``runs`` (R, 3) = (view_face, first pixel, length) of consecutive pixels of one row near one
+    face, grouped by bands of ``band_rows`` rows (``band_off``: runs per band; ``band_pairs``: cumulative
+    pairs per band); the per-pair arrays are then expanded on first use. ``face`` and ``centers``
+    (face index, pixel centers) are derived on first use too. ``cull``: the render drops the pairs of
+    faces that are not front-facing at the geometry it renders (a list reused at nearby geometry may
+    hold faces that turned away since, or hold all faces).
     """
 
-    view_face: Tensor
-    pixel: Tensor
-    face: Tensor
-    px: Tensor
-    py: Tensor
     num_views: int
     height: int
     width: int
+    num_faces: int
+    num_pairs: int
+    runs: Tensor | None = None
+    band_off: Tensor | None = None
+    band_pairs: Tensor | None = None
+    band_rows: int = 0
+    cull: bool = False
+    _per_pair: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    _centers: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_pairs(cls, view_face: Tensor, pixel: Tensor, num_views: int, height: int, width: int,
+                   num_faces: int, cull: bool = False) -> Pairs:
+        return cls(num_views, height, width, num_faces, view_face.shape[0], cull=cull, _per_pair=(view_face, pixel))
 
     def __len__(self) -> int:
-        return self.pixel.shape[0]
+        return self.num_pairs
+
+    def _expand(self) -> tuple[Tensor, Tensor]:
+        if self._per_pair is None:
+            with _plain(), torch.no_grad():
+                self._per_pair = self._expand_runs()
+        return self._per_pair
+
+    def _expand_runs(self) -> tuple[Tensor, Tensor]:
+        vf, first, length = self.runs.unbind(1)
+        start = torch.cumsum(length, 0) - length
+        step = torch.arange(self.num_pairs, device=length.device) - torch.repeat_interleave(
+            start, length, output_size=self.num_pairs)
+        return (torch.repeat_interleave(vf, length, output_size=self.num_pairs),
+                torch.repeat_interleave(first, length, output_size=self.num_pairs) + step)
+
+    @property
+    def view_face(self) -> Tensor:
+        """(P,) view * F + face of each pair."""
+        return self._expand()[0]
+
+    @property
+    def pixel(self) -> Tensor:
+        """(P,) flat pixel index of each pair."""
+        return self._expand()[1]
+
+    @cached_property
+    def face(self) -> Tensor:
+        """(P,) face index of each pair."""
+        with _plain(), torch.no_grad():
+            return self.view_face % self.num_faces
+
+    @cached_property
+    def covered(self) -> Tensor:
+        """(K,) sorted flat indices of the pixels with at least one pair (the others render as background)."""
+        with _plain(), torch.no_grad():
+            return self._covered()
+
+    def _covered(self) -> Tensor:
+        if self.runs is not None and self.runs.device.type == "cpu" and native.available():
+            mask = native.covered(self.runs, self.num_views * self.height * self.width)
+        else:
+            mask = torch.zeros(self.num_views * self.height * self.width, dtype=torch.bool, device=self.pixel.device)
+            mask[self.pixel] = True
+        return mask.nonzero().squeeze(1)
+
+    def centers(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Pixel centers (px, py), each (P,), in ``dtype``."""
+        if dtype not in self._centers:
+            with _plain(), torch.no_grad():
+                col = self.pixel % self.width
+                row = torch.div(self.pixel, self.width, rounding_mode="floor") % self.height
+                self._centers[dtype] = (col.to(dtype) + 0.5, row.to(dtype) + 0.5)
+        return self._centers[dtype]
 
 
 def front_facing(area2: Tensor) -> Tensor:
@@ -50,20 +134,60 @@ def front_facing(area2: Tensor) -> Tensor:
     return area2 < 0
 
 
+def searched_faces(xy: Tensor, z: Tensor, faces: Tensor, near: float, cull_backfaces: bool, backend: str) -> Tensor:
+    """``valid_faces`` as the search of ``backend`` computes it (N*F,) bool. xy: (N, V, 2); z: (N, V)."""
+    if use_native(xy, backend):
+        return native.valid_faces(xy, z, faces, near, cull_backfaces)
+    return valid_faces(z, faces, face_rows(xy, z, faces)[1], near, cull_backfaces)
+
+
+def valid_faces(z: Tensor, faces: Tensor, area2: Tensor, near: float, cull_backfaces: bool) -> Tensor:
+    """View-faces that can have pairs (N*F,): in front of the near plane, non-degenerate, finite, and
+    front-facing when culling. z: (N, V) depths; area2: (N*F,) twice the signed screen area."""
+    tiny = torch.finfo(area2.dtype).tiny ** 0.5
+    valid = (z[:, faces].reshape(-1, 3) > near).all(-1) & (area2.abs() > tiny) & torch.isfinite(area2)
+    return valid & front_facing(area2) if cull_backfaces else valid
+
+
+def use_native(x: Tensor, backend: str) -> bool:
+    """Whether the compiled kernels serve tensors like ``x`` under ``backend`` ("auto", "native", "torch"):
+    float32 or float64 on the CPU, and the kernels could be built."""
+    if backend == "torch":
+        return False
+    if x.device.type != "cpu":
+        why = f"the tensors are on {x.device.type}"
+    elif x.dtype not in (torch.float32, torch.float64):
+        why = f"the kernels take float32 or float64, not {x.dtype}"
+    elif not native.available():
+        why = native.status()
+    else:
+        return True
+    if backend == "native":
+        raise RuntimeError(f"backend='native' asked for, but {why}")
+    return False
+
+
 @torch.no_grad()
 def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, radius: float,
-               near: float, cull_backfaces: bool = True) -> Pairs:
+               near: float, cull_backfaces: bool = True, backend: str = "auto") -> Pairs:
     """All (face, pixel) pairs whose pixel center is inside the face or within ``radius`` pixels of it.
 
     xy: (N, V, 2) pixel coordinates; z: (N, V) depths; faces: (F, 3). Faces with a vertex at or nearer
     than the near plane are dropped (not clipped), as are zero-area faces and, if asked, back faces.
+    ``backend``: "auto" (compiled kernels for CPU tensors when they build), "native" or "torch".
     """
     n, f = xy.shape[0], faces.shape[0]
-    table, area2 = face_table(xy, z, faces)
-    tiny = torch.finfo(xy.dtype).tiny ** 0.5
-    valid = (z[:, faces].reshape(-1, 3) > near).all(-1) & (area2.abs() > tiny) & torch.isfinite(area2)
-    if cull_backfaces:
-        valid &= front_facing(area2)
+    radius = radius + SLACK_PX
+    if use_native(xy, backend):
+        runs, band_off, band_pairs, band_rows = native.find_runs(xy, z, faces, height, width, radius, near,
+                                                                 cull_backfaces)
+        pairs = Pairs(n, height, width, f, int(band_pairs[-1]), runs, band_off, band_pairs, band_rows, cull_backfaces)
+        pairs.covered  # noqa: B018  (computed now, outside any transform that may render with these pairs)
+        return pairs
+
+    rows, area2 = face_rows(xy, z, faces)
+    valid = valid_faces(z, faces, area2, near, cull_backfaces)
+    table = rows.T.contiguous()
     vx, vy = table[0:3].T, table[3:6].T  # edge starts run over all three corners
     # Pixel column j has its center at j + 0.5: columns within [xmin - r, xmax + r].
     c0 = torch.ceil(vx.amin(-1) - radius - 0.5).clamp(min=0)
@@ -84,7 +208,7 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
         bounds.append(max(int(torch.searchsorted(ends, done + CHUNK, right=True)), bounds[-1] + 1))
 
     per_face = torch.stack([vf, c0, r0, ncols], 1)  # gathered once per candidate with one index_select
-    keep_vf, keep_pix, keep_px, keep_py = [], [], [], []
+    keep_vf, keep_pix = [], []
     hw = height * width
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         cnt = counts[lo:hi]
@@ -94,22 +218,17 @@ def find_pairs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, ra
         g, col0, row0, nc = per_face.index_select(0, local).unbind(1)
         dr = torch.div(k, nc, rounding_mode="floor")
         rows, cols = row0 + dr, col0 + (k - dr * nc)
-        px = cols.to(xy.dtype) + 0.5
-        py = rows.to(xy.dtype) + 0.5
         sub = Triangles.gather(table, g, with_depth=False)
-        edge, dx, dy = edge_functions(sub, px, py)
+        edge, dx, dy = edge_functions(sub, cols.to(xy.dtype) + 0.5, rows.to(xy.dtype) + 0.5)
         keep = (inside(edge, sub) | (distance2(sub, dx, dy) <= radius * radius)).nonzero().squeeze(1)
         g = g.index_select(0, keep)
         keep_vf.append(g)
         keep_pix.append(torch.div(g, f, rounding_mode="floor") * hw + rows.index_select(0, keep) * width
                         + cols.index_select(0, keep))
-        keep_px.append(px.index_select(0, keep))
-        keep_py.append(py.index_select(0, keep))
 
-    def cat(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=xy.device)
+    def cat(parts: list[Tensor]) -> Tensor:
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=xy.device)
 
-    view_face = cat(keep_vf, torch.long)
-    return Pairs(view_face=view_face, pixel=cat(keep_pix, torch.long), face=view_face % f,
-                 px=cat(keep_px, xy.dtype), py=cat(keep_py, xy.dtype), num_views=n, height=height,
-                 width=width)
+    pairs = Pairs.from_pairs(cat(keep_vf), cat(keep_pix), n, height, width, f, cull_backfaces)
+    pairs.covered  # noqa: B018  (computed now, outside any transform that may render with these pairs)
+    return pairs

@@ -1,10 +1,11 @@
 """Screen-space triangle geometry shared by pair finding and soft coverage.
 
-Everything that depends only on the triangle is computed once per (view, face) and stored
-component-major in one (19, N*F) table; each (face, pixel) pair gathers its column with a single
-``index_select`` along dim 1. The gathered fields are then contiguous (3, P) blocks, so the
-elementwise math runs on contiguous memory, and the backward scatter (``index_add`` along dim 1)
-is several times faster than the row-major equivalent on CPU.
+Everything that depends only on the triangle is computed once per (view, face): one row of 19 values
+(``face_rows``; the compiled kernels compute the same rows in C), stored component-major in one
+(19, N*F) table for the PyTorch path (``face_table``); each (face, pixel) pair gathers its column with a
+single ``index_select`` along dim 1. The gathered fields are then contiguous (3, P) blocks, so the
+elementwise math runs on contiguous memory, and the backward scatter (``index_add`` along dim 1) is
+several times faster than the row-major equivalent on CPU.
 
 Edge k is the edge opposite vertex k: it starts at s_k = v_{k+1} with direction e_k = v_{k+2} - v_{k+1}.
 Then the edge function E_k(p) = cross(e_k, p - s_k) is 2·area·l_k, l_k the barycentric weight of
@@ -57,6 +58,15 @@ class Triangles:
 def face_table(xy: Tensor, z: Tensor, faces: Tensor) -> tuple[Tensor, Tensor]:
     """Per-(view, face) constants (19, N*F) and twice the signed screen area (N*F,).
 
+    The component-major layout of ``face_rows``, for gathering whole rows per pair.
+    """
+    rows, area2 = face_rows(xy, z, faces)
+    return rows.T.contiguous(), area2
+
+
+def face_rows(xy: Tensor, z: Tensor, faces: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(view, face) constants (N*F, 19), one row per view-face, and twice the signed screen area (N*F,).
+
     xy: (N, V, 2) pixel coordinates; z: (N, V) camera depths; faces: (F, 3). Degenerate edges and
     faces get finite stand-ins (their pairs are culled anyway) so that no inf or NaN reaches values or
     derivatives of other faces.
@@ -71,9 +81,9 @@ def face_table(xy: Tensor, z: Tensor, faces: Tensor) -> tuple[Tensor, Tensor]:
     # 2·area = cross(v1 - v0, v2 - v0) = cross(e_2, -e_1)
     area2 = edge[:, 1, 0] * edge[:, 2, 1] - edge[:, 1, 1] * edge[:, 2, 0]
     inv_area = 1 / torch.where(area2.abs() > tiny, area2, torch.ones_like(area2))
-    table = torch.cat([start[..., 0], start[..., 1], edge[..., 0], edge[..., 1], inv_len2,
-                       z[:, faces].reshape(nf, 3), inv_area.unsqueeze(-1)], dim=-1)
-    return table.T.contiguous(), area2
+    rows = torch.cat([start[..., 0], start[..., 1], edge[..., 0], edge[..., 1], inv_len2,
+                      z[:, faces].reshape(nf, 3), inv_area.unsqueeze(-1)], dim=-1)
+    return rows, area2
 
 
 def edge_functions(tri: Triangles, px: Tensor, py: Tensor) -> tuple[Tensor, Tensor, Tensor]:

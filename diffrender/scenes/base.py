@@ -123,8 +123,9 @@ def render_settings(sigma: float, gamma: float, ctx: BuildContext, **kw: Any) ->
     from diffrender.render import RenderSettings
 
     extra = {k: float(ctx.renderer[k]) for k in ("eps", "margin_px") if ctx.renderer.get(k) is not None}
+    cull = ctx.renderer.get("cull_backfaces")  # None: the renderer's "auto"
     return RenderSettings(sigma=sigma, gamma=float(ctx.opt("gamma", gamma)),
-                          cull_backfaces=bool(ctx.renderer.get("cull_backfaces", False)), **extra, **kw)
+                          cull_backfaces="auto" if cull is None else bool(cull), **extra, **kw)
 
 
 def iou(alpha: Tensor, target: Tensor, threshold: float = 0.5) -> float:

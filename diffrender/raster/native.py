@@ -1,0 +1,366 @@
+"""The compiled kernels (``kernels.c``): building, loading, and calling them on CPU tensors.
+
+The C file includes no Python or torch headers, so any C compiler builds it in about a second. It is
+built on first use into a per-user cache (``$DIFFRENDER_CACHE``, else ``~/.cache/diffrender``), under a
+name keyed by the source, the flags and the machine, and loaded with ctypes. Without a compiler, or
+with ``DIFFRENDER_NATIVE=0``, ``available()`` is False and the renderer keeps to its PyTorch path, which
+is also the reference the tests compare these kernels with. Work is split over
+``torch.get_num_threads()`` threads (ctypes releases the GIL while C runs).
+
+The differentiable sweeps are registered as ``torch.library`` custom ops, so that tracing (the
+``make_fx`` inside ``torch.func.linearize``) records them as opaque calls instead of their outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("kernels.c")
+# -fno-trapping-math lets branch-free selects vectorize; it changes no result (no trap handlers are used).
+FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+ARCH_FLAGS = ["-march=native"]  # dropped if the compiler refuses it
+ROWS = 19  # values of a per-(view, face) table row, see raster/geometry.py
+MIN_PARALLEL = 1 << 15  # fewer pairs than this run on one thread
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+class _Params(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("xy", "z", "attrs", "faces", "runs", "band_off")] + \
+        [(name, ctypes.c_int64) for name in ("NP", "V", "F", "H", "W", "C", "blend", "band_rows", "cull")] + \
+        [(name, ctypes.c_double) for name in ("scale", "r2", "kz")] + \
+        [(name, ctypes.c_void_p) for name in ("alpha", "out", "state", "t_xy", "t_z", "t_attrs", "t_alpha", "t_out",
+                                              "g_alpha", "g_out", "g_xy", "g_z", "g_attrs")]
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("DIFFRENDER_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffrender"
+
+
+def _machine() -> str:
+    """What -march=native depends on: the CPU's feature flags where Linux tells them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line for line in lines if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return f"{platform.platform()} {platform.machine()} {flags}"
+
+
+def _compile(cc: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        for arch in (ARCH_FLAGS, []):
+            done = subprocess.run([cc, *FLAGS, *arch, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                                  timeout=120)
+            if done.returncode == 0:
+                os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file
+                return
+        raise subprocess.CalledProcessError(done.returncode, cc, done.stdout, done.stderr)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([cc, *FLAGS, *ARCH_FLAGS]).encode(),
+                                     _machine().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"kernels-{key}.so"
+    if not target.exists():
+        _compile(cc, target)
+        for old in target.parent.glob("kernels-*.so"):  # builds of other versions, unused for a week
+            with contextlib.suppress(OSError):
+                if old != target and time.time() - old.stat().st_atime > 7 * 86400:
+                    old.unlink()
+    lib = ctypes.CDLL(str(target))
+    p, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+    for sfx in ("f32", "f64"):
+        fn = getattr(lib, f"dr_plan_{sfx}")
+        fn.argtypes = [p, p, p, i64, i64, i64, i64, i64, f64, i64, f64, i64, p]
+        fn.restype = p
+        fn = getattr(lib, f"dr_valid_{sfx}")
+        fn.argtypes = [p, p, p, i64, i64, i64, f64, i64, p]
+        fn.restype = None
+        for name in ("forward", "jvp", "vjp"):
+            fn = getattr(lib, f"dr_{name}_{sfx}")
+            fn.argtypes = [ctypes.POINTER(_Params), i64, i64]
+            fn.restype = ctypes.c_int
+    for name, args in (("dr_search", [p, i64, i64, p, p, p]), ("dr_compact", [p, p, p, i64, i64, p, p]),
+                       ("dr_plan_ub", [p, p]), ("dr_plan_free", [p]), ("dr_cover", [p, i64, p])):
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first call; None if that is impossible or disabled."""
+    global _lib, _error
+    if _lib is not None or _error is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _error is None:
+            if os.environ.get("DIFFRENDER_NATIVE", "1") in ("0", "false", "off"):
+                _error = "disabled by DIFFRENDER_NATIVE"
+            else:
+                try:
+                    _lib = _build()
+                except (OSError, subprocess.SubprocessError) as exc:
+                    detail = getattr(exc, "stderr", None) or str(exc)
+                    _error = f"could not build {SOURCE.name}: {detail.strip().splitlines()[-1] if detail else exc}"
+    return _lib
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used (they serve CPU tensors only)."""
+    return library() is not None
+
+
+def status() -> str:
+    """One line for benchmark headers: which rasterizer path is in use and why."""
+    return "compiled kernels" if available() else f"PyTorch path ({_error})"
+
+
+def _suffix(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "f32"
+    if dtype == torch.float64:
+        return "f64"
+    raise TypeError(f"compiled kernels support float32 and float64, got {dtype}")
+
+
+def _run(fn: Callable[[int, int], None], bounds: Sequence[int]) -> None:
+    """Call ``fn(lo, hi)`` on consecutive ranges of ``bounds``, one per thread."""
+    global _pool
+    ranges = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+    if len(ranges) <= 1:
+        for lo, hi in ranges:
+            fn(lo, hi)
+        return
+    with _lock:
+        if _pool is None or _pool[0] < len(ranges):
+            _pool = (len(ranges), ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="diffrender"))
+        pool = _pool[1]
+    for future in [pool.submit(fn, lo, hi) for lo, hi in ranges]:
+        future.result()
+
+
+def _split(cumulative: Tensor, parts: int, min_total: int = MIN_PARALLEL) -> list[int]:
+    """Indices cutting ``cumulative`` (non-decreasing, starting at 0) into ``parts`` pieces of equal weight."""
+    total = int(cumulative[-1])
+    n = cumulative.numel() - 1
+    if parts <= 1 or total < min_total:
+        return [0, n]
+    goals = torch.arange(1, parts, dtype=cumulative.dtype, device=cumulative.device) * total // parts
+    cuts = torch.searchsorted(cumulative, goals).clamp(0, n).tolist()
+    return [0, *cuts, n]
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+# ---------------------------------------------------------------- pair search
+
+
+def band_rows_for(width: int) -> int:
+    """Rows per band: a band's pixel planes (a few floats per pixel) should stay in the L2 cache."""
+    return max(1, min(16, 4096 // max(width, 1)))
+
+
+@torch.no_grad()
+def valid_faces(xy: Tensor, z: Tensor, faces: Tensor, near: float, cull: bool) -> Tensor:
+    """(N*F,) bool: the view-faces that can have pairs (raster/coverage.py's valid_faces, computed as the
+    compiled search does). xy: (N, V, 2); z: (N, V); faces: (F, 3) int64."""
+    xy, z, faces = _contig(xy, z, faces.long())
+    out = torch.empty(xy.shape[0] * faces.shape[0], dtype=torch.uint8)
+    getattr(library(), f"dr_valid_{_suffix(xy.dtype)}")(xy.data_ptr(), z.data_ptr(), faces.data_ptr(), xy.shape[0],
+                                                         xy.shape[1], faces.shape[0], float(near), int(cull),
+                                                         out.data_ptr())
+    return out.bool()
+
+
+@torch.no_grad()
+def find_runs(xy: Tensor, z: Tensor, faces: Tensor, height: int, width: int, radius: float, near: float,
+              cull: bool) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The pairs within ``radius`` px of (or inside) each valid view-face, as runs of pixels.
+
+    xy: (N, V, 2) pixel coordinates, z: (N, V) depths, faces: (F, 3). Returns runs (R, 3) int64
+    (view_face, first pixel, length): the consecutive pixels of one image row near one face; band_off
+    (NB + 1,): the runs of band b (``band_rows`` rows of one view) are ``band_off[b]:band_off[b + 1]``,
+    ordered by face then row; band_pairs (NB + 1,): cumulative pairs per band; and band_rows. The valid
+    faces are binned into the bands their grown bounding box overlaps; for each face and row, the run is
+    the interval of the triangle grown by the radius (a convex set), computed in closed form.
+    """
+    lib = library()
+    xy, z, faces = _contig(xy, z, faces.long())
+    i64 = dict(dtype=torch.long)
+    band_rows = band_rows_for(width)
+    sizes = (ctypes.c_int64 * 2)()
+    plan = getattr(lib, f"dr_plan_{_suffix(xy.dtype)}")(
+        xy.data_ptr(), z.data_ptr(), faces.data_ptr(), xy.shape[0], xy.shape[1], faces.shape[0], height, width,
+        float(near), int(cull), float(radius), band_rows, sizes)
+    if not plan:
+        raise MemoryError("pair search: out of memory for the search plan")
+    try:
+        ub, nbands = sizes[0], sizes[1]
+        ub_off = torch.empty(nbands + 1, **i64)
+        lib.dr_plan_ub(plan, ub_off.data_ptr())
+        ub_runs = torch.empty(ub, 3, **i64)
+        band_count, band_pairs = torch.empty(nbands, **i64), torch.zeros(nbands + 1, **i64)
+        bounds = _split(ub_off, torch.get_num_threads(), min_total=MIN_PARALLEL // 8)
+        _run(lambda lo, hi: lib.dr_search(plan, lo, hi, ub_runs.data_ptr(), band_count.data_ptr(),
+                                          band_pairs[1:].data_ptr()), bounds)
+        run_off = torch.zeros(nbands + 1, **i64)
+        torch.cumsum(band_count, 0, out=run_off[1:])
+        runs = torch.empty(int(run_off[-1]), 3, **i64)
+        _run(lambda lo, hi: lib.dr_compact(plan, run_off.data_ptr(), band_count.data_ptr(), lo, hi,
+                                           ub_runs.data_ptr(), runs.data_ptr()), bounds)
+    finally:
+        lib.dr_plan_free(plan)
+    return runs, run_off, torch.cumsum(band_pairs, 0), band_rows
+
+
+def covered(runs: Tensor, num_pixels: int) -> Tensor:
+    """(num_pixels,) bool: the pixels of at least one run."""
+    mask = torch.zeros(num_pixels, dtype=torch.uint8)
+    runs = runs.contiguous()
+    library().dr_cover(runs.data_ptr(), runs.shape[0], mask.data_ptr())
+    return mask.bool()
+
+
+# ---------------------------------------------------------------- the fused sweep: forward, J, Jᵀ
+
+
+def _params(xy: Tensor, z: Tensor, attrs: Tensor, faces: Tensor, runs: Tensor, band_off: Tensor,
+            dims: Sequence[int], consts: Sequence[float], **tensors: Tensor | None) -> _Params:
+    npix, f, h, w, blend, band_rows, cull = dims
+    prm = _Params(xy=_ptr(xy), z=_ptr(z), attrs=_ptr(attrs), faces=_ptr(faces), runs=_ptr(runs),
+                  band_off=_ptr(band_off), NP=npix, V=z.shape[1], F=f, H=h, W=w, C=attrs.shape[1], blend=blend,
+                  band_rows=band_rows, cull=cull)
+    prm.scale, prm.r2, prm.kz = consts
+    for name, t in tensors.items():
+        setattr(prm, name, _ptr(t))
+    return prm
+
+
+def _sweep(kind: str, dtype: torch.dtype, band_pairs: Tensor, prms: Callable[[int], _Params]) -> int:
+    """Run ``dr_<kind>`` over all bands, split by pairs over threads; ``prms(i)`` gives thread i's params.
+    Returns the number of threads used."""
+    fn = getattr(library(), f"dr_{kind}_{_suffix(dtype)}")
+    bounds = _split(band_pairs, torch.get_num_threads())
+    slot = {lo: i for i, lo in enumerate(bounds[:-1])}
+    params = [prms(i) for i in range(len(bounds) - 1)]
+    failed = []
+
+    def call(lo: int, hi: int) -> None:
+        if fn(ctypes.byref(params[slot[lo]]), lo, hi):
+            failed.append(lo)
+
+    _run(call, bounds)
+    if failed:
+        raise MemoryError(f"rasterizer sweep ({kind}): out of memory for a band's scratch")
+    return len(params)
+
+
+def _contig(*ts: Tensor) -> list[Tensor]:
+    return [t.contiguous() for t in ts]
+
+
+# The three sweeps. dims: N*H*W, F, H, W, blend (0/1), band_rows, cull (0/1); consts: scale, r2, kz (kernels.c's
+# Params).
+# xy: (N, V, 2) pixel coordinates and z: (N, V) depths of the vertices; attrs: (V, C); faces: (F, 3);
+# runs, band_off, band_pairs: the pairs (raster/coverage.py's Pairs).
+
+
+@torch.library.custom_op("diffrender::sweep_forward", mutates_args=())
+def sweep_forward(xy: Tensor, z: Tensor, attrs: Tensor, faces: Tensor, runs: Tensor, band_off: Tensor,
+                  band_pairs: Tensor, dims: list[int], consts: list[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """α (NP,), blended (NP, 1 + C) (NP, 0 without blending) and per-pixel state (3, NP)."""
+    xy, z, attrs, faces, runs = _contig(xy, z, attrs, faces, runs)
+    npix, blend = dims[0], dims[4]
+    alpha = torch.empty(npix, dtype=xy.dtype)
+    out = torch.empty(npix, (1 + attrs.shape[1]) if blend else 0, dtype=xy.dtype)
+    state = torch.empty(3, npix, dtype=xy.dtype)
+    _sweep("forward", xy.dtype, band_pairs,
+           lambda i: _params(xy, z, attrs, faces, runs, band_off, dims, consts, alpha=alpha, out=out, state=state))
+    return alpha, out, state
+
+
+@sweep_forward.register_fake
+def _(xy, z, attrs, faces, runs, band_off, band_pairs, dims, consts):
+    npix, blend = dims[0], dims[4]
+    return (xy.new_empty(npix), xy.new_empty(npix, (1 + attrs.shape[1]) if blend else 0), xy.new_empty(3, npix))
+
+
+@torch.library.custom_op("diffrender::sweep_jvp", mutates_args=())
+def sweep_jvp(t_xy: Tensor, t_z: Tensor, t_attrs: Tensor, xy: Tensor, z: Tensor, attrs: Tensor, out: Tensor,
+              state: Tensor, faces: Tensor, runs: Tensor, band_off: Tensor, band_pairs: Tensor, dims: list[int],
+              consts: list[float]) -> tuple[Tensor, Tensor]:
+    """J·(t_xy, t_z, t_attrs) at the forward's point: tangents of α (NP,) and of the blended values."""
+    t_xy, t_z, t_attrs, xy, z, attrs, out, state, faces, runs = _contig(t_xy, t_z, t_attrs, xy, z, attrs, out, state,
+                                                                        faces, runs)
+    t_alpha, t_out = torch.empty(dims[0], dtype=xy.dtype), torch.empty_like(out)
+    _sweep("jvp", xy.dtype, band_pairs,
+           lambda i: _params(xy, z, attrs, faces, runs, band_off, dims, consts, out=out, state=state, t_xy=t_xy,
+                             t_z=t_z, t_attrs=t_attrs, t_alpha=t_alpha, t_out=t_out))
+    return t_alpha, t_out
+
+
+@sweep_jvp.register_fake
+def _(t_xy, t_z, t_attrs, xy, z, attrs, out, state, faces, runs, band_off, band_pairs, dims, consts):
+    return xy.new_empty(dims[0]), torch.empty_like(out)
+
+
+@torch.library.custom_op("diffrender::sweep_vjp", mutates_args=())
+def sweep_vjp(g_alpha: Tensor, g_out: Tensor, xy: Tensor, z: Tensor, attrs: Tensor, out: Tensor, state: Tensor,
+              faces: Tensor, runs: Tensor, band_off: Tensor, band_pairs: Tensor, dims: list[int],
+              consts: list[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Jᵀ·(g_alpha, g_out) at the forward's point: cotangents of xy (N, V, 2), z (N, V), attrs (V, C)."""
+    g_alpha, g_out, xy, z, attrs, out, state, faces, runs = _contig(g_alpha, g_out, xy, z, attrs, out, state, faces,
+                                                                    runs)
+    parts = len(_split(band_pairs, torch.get_num_threads())) - 1
+    g_xy = torch.zeros(parts, *xy.shape, dtype=xy.dtype)
+    g_z = torch.zeros(parts, *z.shape, dtype=xy.dtype)
+    g_attrs = torch.zeros(parts, *attrs.shape, dtype=xy.dtype)
+    _sweep("vjp", xy.dtype, band_pairs,
+           lambda i: _params(xy, z, attrs, faces, runs, band_off, dims, consts, out=out, state=state, g_alpha=g_alpha,
+                             g_out=g_out, g_xy=g_xy[i], g_z=g_z[i], g_attrs=g_attrs[i]))
+    if parts == 1:
+        return g_xy[0], g_z[0], g_attrs[0]
+    return g_xy.sum(0), g_z.sum(0), g_attrs.sum(0)
+
+
+@sweep_vjp.register_fake
+def _(g_alpha, g_out, xy, z, attrs, out, state, faces, runs, band_off, band_pairs, dims, consts):
+    return torch.empty_like(xy), torch.empty_like(z), torch.empty_like(attrs)
+
+
+__all__ = ["available", "band_rows_for", "covered", "find_runs", "library", "status", "sweep_forward", "sweep_jvp",
+           "sweep_vjp", "valid_faces"]
+
+if sys.platform == "win32":  # the build line above is for Unix compilers
+    _error = "compiled kernels are built on Unix-like systems only"

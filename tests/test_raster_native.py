@@ -1,0 +1,142 @@
+"""The compiled kernels (raster/native.py, raster/fused.py) against the PyTorch path, which is their reference:
+pairs, values and derivatives in every AD mode the solvers use, and the fallback when they are unavailable."""
+
+import pytest
+import torch
+
+from diffrender.camera import camera_from_look_at
+from diffrender.mesh import icosphere, load_obj, normalize
+from diffrender.raster import native
+from diffrender.raster.coverage import SLACK_PX
+from diffrender.raster.shading import Lights, Material
+from diffrender.render import RenderSettings, prepare, render
+
+D = torch.float64
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"compiled kernels unavailable: {native.status()}")
+
+LIGHTS = dict(ambient=(0.3, 0.3, 0.3), directional_dirs=[(0.2, -1.0, -0.5)], directional_colors=[(0.7, 0.6, 0.5)],
+              point_positions=[(1.0, 2.0, 3.0)], point_colors=[(0.5, 0.4, 0.3)])
+
+
+def scene(dtype=D, views=((0.4, 1.2, 2.6), (-2.0, 0.8, 1.5)), h=40, w=48):
+    mesh = normalize(load_obj("assets/teapot.obj", dtype=dtype))  # open: culling stays off under "auto"
+    cam = camera_from_look_at(torch.tensor(views, dtype=dtype), fov_deg=55, height=h, width=w)
+    torch.manual_seed(0)
+    return mesh, cam, torch.rand_like(mesh.verts), Lights.create(**LIGHTS, dtype=dtype)
+
+
+def pipeline(backend, mesh, cam, lights, settings=None):
+    """f(verts, colors) -> every output flattened, with the pairs of this backend's own search."""
+    s = settings or RenderSettings(sigma=1e-3, gamma=1e-2, backend=backend)
+    pairs = prepare(mesh.verts, mesh.faces, cam, s)
+
+    def f(v, c):
+        out = render(v, mesh.faces, cam, pairs, s, colors=c, lights=lights, material=Material(0.3, 12))
+        return torch.cat([out["alpha"].flatten(), out["depth"].flatten(), out["rgb"].flatten()])
+
+    return f, pairs
+
+
+def test_compiled_search_finds_the_pytorch_pairs():
+    mesh, cam, _, _ = scene(h=50, w=60)
+    for cull in (False, True):
+        s = {b: RenderSettings(sigma=3e-4, cull_backfaces=cull, backend=b) for b in ("torch", "native")}
+        got = {b: prepare(mesh.verts, mesh.faces, cam, s[b]) for b in s}
+        assert got["native"].runs is not None and got["torch"].runs is None
+        sets = {b: set(zip(p.view_face.tolist(), p.pixel.tolist(), strict=True)) for b, p in got.items()}
+        assert len(sets["native"]) == len(got["native"])  # no pair twice
+        # The two searches may only disagree on pairs within the search slack beyond the radius, where
+        # rounding decides and which contribute nothing.
+        odd = sets["native"] ^ sets["torch"]
+        assert len(odd) <= 1e-3 * len(sets["torch"]) and len(sets["torch"]) > 5000
+        assert SLACK_PX < 0.01
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 2e-3)])
+def test_compiled_render_equals_pytorch_values_and_derivatives(dtype, rtol):
+    mesh, cam, colors, lights = scene(dtype, h=32, w=36)
+    (f_t, _), (f_n, pairs) = pipeline("torch", mesh, cam, lights), pipeline("native", mesh, cam, lights)
+    assert pairs.runs is not None
+    x = (mesh.verts, colors)
+    y_t, y_n = f_t(*x), f_n(*x)
+    scale = y_t.abs().max()
+    assert torch.allclose(y_n, y_t, rtol=0, atol=rtol * scale)
+    torch.manual_seed(1)
+    u = (torch.randn_like(mesh.verts) * 1e-2, torch.randn_like(colors))
+    w = torch.randn_like(y_t)
+    j_t, j_n = torch.func.jvp(f_t, x, u)[1], torch.func.jvp(f_n, x, u)[1]
+    assert torch.allclose(j_n, j_t, rtol=0, atol=rtol * j_t.abs().max())
+    g_t, g_n = torch.func.vjp(f_t, *x)[1](w), torch.func.vjp(f_n, *x)[1](w)
+    for a, b in zip(g_n, g_t, strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=rtol * b.abs().max())
+
+
+def test_compiled_render_in_every_ad_mode_the_solvers_use():
+    mesh, cam, colors, lights = scene()
+    f, _ = pipeline("native", mesh, cam, lights)
+    x = (mesh.verts, colors)
+    torch.manual_seed(2)
+    u = (torch.randn_like(mesh.verts) * 1e-2, torch.randn_like(colors))
+    y, ju = torch.func.jvp(f, x, u)
+    # central differences (pairs fixed)
+    h = 1e-6
+    fd = (f(x[0] + h * u[0], x[1] + h * u[1]) - f(x[0] - h * u[0], x[1] - h * u[1])) / (2 * h)
+    assert torch.allclose(ju, fd, rtol=1e-5, atol=1e-6 * fd.abs().max())
+    # linearize (traced with make_fx: the kernels are opaque custom ops in the graph)
+    _, lin = torch.func.linearize(f, *x)
+    assert torch.allclose(lin(*u), ju, atol=1e-10 * ju.abs().max())
+    # reused VJP, adjoint identity, and the "transpose" JVP: the VJP of the VJP map w -> Jᵀw is u -> J u
+    _, vjp = torch.func.vjp(f, *x)
+    w = torch.randn_like(y)
+    jtw = vjp(w)
+    assert torch.allclose((ju * w).sum(), sum((a * b).sum() for a, b in zip(u, jtw, strict=True)), rtol=1e-10)
+    _, transpose = torch.func.vjp(vjp, torch.zeros_like(y))
+    (ju_t,) = transpose(u)
+    assert torch.allclose(ju_t, ju, atol=1e-10 * ju.abs().max())
+    # backward agrees with torch.func.vjp
+    v, c = (t.clone().requires_grad_() for t in x)
+    (f(v, c) * w).sum().backward()
+    assert torch.allclose(v.grad, jtw[0], atol=1e-12) and torch.allclose(c.grad, jtw[1], atol=1e-12)
+
+
+def test_compiled_gradcheck_tiny_scene():
+    torch.manual_seed(0)
+    mesh = icosphere(0, dtype=D)
+    verts = mesh.verts + 0.05 * torch.randn_like(mesh.verts)
+    cam = camera_from_look_at(torch.tensor([[0.3, 0.4, 3.0], [2.5, 0.5, 1.0]], dtype=D), fov_deg=50, height=12,
+                              width=10)
+    s = RenderSettings(sigma=3e-3, gamma=1e-2, cull_backfaces=False, backend="native")
+    pairs = prepare(verts, mesh.faces, cam, s)
+    lights = Lights.create(**LIGHTS, dtype=D)
+
+    def f(v, colors):
+        out = render(v, mesh.faces, cam, pairs, s, colors=colors, lights=lights, material=Material(0.3, 8.0))
+        return out["alpha"], out["depth"], out["rgb"]
+
+    args = (verts.clone().requires_grad_(), torch.rand(12, 3, dtype=D).requires_grad_())
+    assert torch.autograd.gradcheck(f, args, check_forward_ad=True, fast_mode=True)
+
+
+def test_fallback_when_the_kernels_are_unavailable(monkeypatch):
+    mesh, cam, colors, lights = scene(h=20, w=24)
+    ref = render(mesh.verts, mesh.faces, cam, prepare(mesh.verts, mesh.faces, cam, RenderSettings(backend="torch")),
+                 RenderSettings(backend="torch"), colors=colors)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_error", "disabled for this test")
+    assert not native.available() and "disabled for this test" in native.status()
+    s = RenderSettings()  # backend "auto": falls back to PyTorch
+    pairs = prepare(mesh.verts, mesh.faces, cam, s)
+    assert pairs.runs is None
+    out = render(mesh.verts, mesh.faces, cam, pairs, s, colors=colors)
+    assert all(torch.allclose(out[k], ref[k]) for k in ref)
+    with pytest.raises(RuntimeError, match="backend='native' asked for, but .*disabled for this test"):
+        prepare(mesh.verts, mesh.faces, cam, RenderSettings(backend="native"))
+
+
+def test_native_backend_needs_compiled_pairs_and_cpu_float_tensors():
+    mesh, cam, colors, _ = scene(h=12, w=12)
+    pairs = prepare(mesh.verts, mesh.faces, cam, RenderSettings(backend="torch"))
+    with pytest.raises(ValueError, match="needs pairs from the compiled search"):
+        render(mesh.verts, mesh.faces, cam, pairs, RenderSettings(backend="native"))
+    with pytest.raises(ValueError, match="RenderSettings.backend"):
+        RenderSettings(backend="cuda")
