@@ -56,7 +56,8 @@ def test_exit_codes_and_one_line(tmp_path):
              "type": _start(tmp_path, ["renderer.image_size=big"])}
     res = {k: _finish(p) for k, p in procs.items()}
     assert res["scene"][0] == 2 and res["scene"][2] == (
-        "error: unknown scene 'nope' (available: bunny_silhouette, cow_shape, images, lights_albedo, teapot_pose)\n")
+        "error: unknown scene 'nope' (available: bunny_silhouette, cow_shape, images, lights_albedo, "
+        "teapot_pose, texture)\n")
     assert res["resume"][0] == 2
     assert res["resume"][2] == f"error: no checkpoint to resume from: {missing / 'checkpoint.pt'} does not exist\n"
     assert not missing.exists()  # resume= of a missing directory does not create it
