@@ -225,7 +225,6 @@ def load_obj(
     max_t = (0, 0, "")
     max_n = (0, 0, "")
     faces_with_uv = faces_without_uv = 0
-    first_face_line: tuple[int, str] | None = None
     mtllibs: list[str] = []
     materials_used: list[str] = []
 
@@ -315,8 +314,6 @@ def load_obj(
                     vi.append(resolved[0])
                     if this_has_t:
                         ti.append(resolved[1])
-                if first_face_line is None:
-                    first_face_line = (lineno, line)
                 if has_t:
                     faces_with_uv += 1
                 else:
