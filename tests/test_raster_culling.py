@@ -66,9 +66,14 @@ def test_auto_pairs_equal_the_explicit_choice(backend):
                                                                                    backend=backend)))
 
 
-def test_app_default_is_auto():
+def test_app_default_is_auto_where_nothing_moves():
     assert RendererConfig().cull_backfaces is None
     assert RenderSettings().cull_backfaces == "auto"
-    assert render_settings(1e-4, 1e-4, BuildContext(renderer={"cull_backfaces": None})).cull_backfaces == "auto"
-    assert render_settings(1e-4, 1e-4, BuildContext(renderer={"cull_backfaces": False})).cull_backfaces is False
-    assert render_settings(1e-4, 1e-4, BuildContext(renderer={})).cull_backfaces == "auto"
+    for renderer in ({"cull_backfaces": None}, {}):
+        ctx = BuildContext(renderer=renderer)
+        assert render_settings(1e-4, 1e-4, ctx, fixed_geometry=True).cull_backfaces == "auto"
+        assert render_settings(1e-4, 1e-4, ctx).cull_backfaces is False  # the fit moves mesh or cameras
+    for cull in (True, False):
+        ctx = BuildContext(renderer={"cull_backfaces": cull})
+        assert render_settings(1e-4, 1e-4, ctx).cull_backfaces is cull
+        assert render_settings(1e-4, 1e-4, ctx, fixed_geometry=True).cull_backfaces is cull

@@ -86,7 +86,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     verts, faces = m.verts, m.faces
     eyes = orbit_eyes(int(views), float(distance), float(elevation_deg), azimuth_start_deg=15.0, **kw)
     cam = camera_from_look_at(eyes, fov_deg=fov_deg, height=size, width=size)
-    settings = render_settings(float(ctx.opt("sigma", sigma)), gamma, ctx)
+    settings = render_settings(float(ctx.opt("sigma", sigma)), gamma, ctx, fixed_geometry=True)
     material = Material(specular=float(specular), shininess=float(shininess))
     basis = polynomial_basis(verts, int(albedo_degree))  # (V, K)
     gt = {"light_dir": torch.tensor(light_dir, **kw), "intensity": torch.tensor([light_intensity], **kw),

@@ -86,7 +86,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     verts, faces, uvs, uv_faces = m.verts, m.faces, m.uvs, m.uv_faces
     eyes = orbit_eyes(int(views), float(distance), list(elevations_deg), **kw)
     cam = camera_from_look_at(eyes, fov_deg=fov_deg, height=size, width=size)
-    settings = render_settings(float(ctx.opt("sigma", sigma)), gamma, ctx)
+    settings = render_settings(float(ctx.opt("sigma", sigma)), gamma, ctx, fixed_geometry=True)
     lights = default_lights(ctx.dtype, ctx.device)
     gt = resample_texture(m.texture[..., :3], t)
     pairs = R.prepare(verts, faces, cam, settings)  # fixed geometry and cameras: found once
