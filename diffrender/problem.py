@@ -358,6 +358,7 @@ class Problem:
         self.counters = Counters()
         self._failed_modes: set[str] = set()  # JVP modes that failed here: not tried again
         self._checked_modes: set[str] = set()  # "transpose" is checked (adjoint identity) once per problem
+        self._vmap_columns = True  # False once a dense Jacobian's vmap-ed columns failed here (not tried again)
         self.linearize_error: str | None = None
 
     @property
@@ -581,6 +582,7 @@ class Problem:
         mode = "jvp" if jvp_mode in self._failed_modes else jvp_mode
         check = [mode not in self._checked_modes]
         op = JacobianOperator(fn, layout.zeros(), counters=counters, mode=mode, check=check[0])
+        self._remember_vmap_failure(op)
         if mode == "transpose":
             self._checked_modes.add(mode)
 
@@ -589,6 +591,7 @@ class Problem:
             again = JacobianOperator(fn, layout.zeros(), counters=Counters(), mode=now, check=check[0])
             check[0] = False  # the first product of a rebuilt operator checks what the first build would have
             again.on_linearize_failure = lambda err, now=now: self._remember_linearize_failure(now, err)
+            self._remember_vmap_failure(again)
             return again
 
         raw = op.value
@@ -617,6 +620,10 @@ class Problem:
             residual = raw
         op.on_linearize_failure = lambda err, mode=mode: self._remember_linearize_failure(mode, err)
         return op, residual, costs, rebuild
+
+    def _remember_vmap_failure(self, op: JacobianOperator) -> None:
+        op.vmap_columns = self._vmap_columns
+        op.on_vmap_failure = lambda: setattr(self, "_vmap_columns", False)
 
     def _remember_linearize_failure(self, mode: str, err: BaseException) -> None:
         self._failed_modes.add(mode)

@@ -273,3 +273,63 @@ def test_float32_operator_follows_dtype():
     op = JacobianOperator(lambda x: torch.stack([x[0] * x[1], torch.exp(x[0])]), x0, counters=Counters())
     assert op.jtj(torch.ones(2)).dtype == torch.float32
     assert op.diag_hutchinson(2, torch.Generator().manual_seed(0)).dtype == torch.float32
+
+
+class _Scale(torch.autograd.Function):
+    """g * s, linear in g (symmetric: its backward is itself), with no vmap rule."""
+
+    @staticmethod
+    def forward(g, s):
+        return g * s
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, h):
+        (s,) = ctx.saved_tensors
+        return _Scale.apply(h, s), None  # its own transpose, applied again: no vmap under the transposed map
+
+
+class _Cube(torch.autograd.Function):
+    """x**3 elementwise whose backward is itself a custom op without a vmap rule (like the compiled sweep's
+    hand-written J^T), so the transposed map u -> J u cannot be vmap-ed."""
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x,) = inputs
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _Scale.apply(g, 3 * x * x)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * t
+
+
+def test_dense_jacobian_of_a_function_without_vmap_keeps_the_transpose_mode():
+    # n > VMAP_MIN_COLUMNS: columns() tries one vmap-ed pass, which fails here. The JVP map must be built
+    # outside that vmap, so the failure is not blamed on the transpose mode (a forward per product since).
+    d = torch.float64
+    a = torch.randn(30, 12, dtype=d, generator=torch.Generator().manual_seed(3))
+    x0 = torch.linspace(-1, 1, 12, dtype=d)
+    problem = Problem(lambda p, ctx: {"r": _Cube.apply(a @ p["x"])})
+    lin = problem.linearize({"x": x0})
+    jtj = lin.op.dense_jtj()
+    j = torch.autograd.functional.jacobian(lambda x: (a @ x) ** 3, x0)
+    torch.testing.assert_close(jtj, j.T @ j, rtol=1e-10, atol=1e-10)
+    assert lin.op.mode == "transpose" and problem.linearize_error is None
+    again = problem.linearize({"x": x0 + 0.1})
+    assert again.op.vmap_columns is False  # the problem remembers: no second failing attempt
+    jv = torch.autograd.functional.jacobian(lambda x: (a @ x) ** 3, x0 + 0.1)
+    torch.testing.assert_close(again.op.dense_jtj(), jv.T @ jv, rtol=1e-10, atol=1e-10)

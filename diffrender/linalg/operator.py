@@ -106,6 +106,10 @@ class JacobianOperator:
         self.mode = mode
         self.check = check
         self.on_linearize_failure: Callable[[BaseException], None] | None = None
+        # columns() tries one vmap-ed pass; a function without a vmap rule (e.g. a custom op) makes it fall back
+        # to a loop, and the owner can set this False so that later operators skip the failing attempt
+        self.vmap_columns = True
+        self.on_vmap_failure: Callable[[], None] | None = None
         self._jvp_fn: Callable[[Tensor], Tensor] | None = None
         self._columns: Tensor | None = None
 
@@ -117,6 +121,14 @@ class JacobianOperator:
         return lambda u: tr(u)[0]
 
     def _raw_jvp(self, u: Tensor) -> Tensor:
+        self._prepare_jvp()
+        if self._jvp_fn is not None:
+            return self._jvp_fn(u)
+        return torch.func.jvp(self.fn, (self.x0,), (u,))[1]
+
+    def _prepare_jvp(self) -> None:
+        """Build (and check) the prebuilt JVP map once, outside any vmap: a failure under vmap would be the
+        vmap's, not the mode's."""
         if self._jvp_fn is None and self.mode != "jvp":
             try:
                 if self.mode == "transpose":
@@ -133,9 +145,6 @@ class JacobianOperator:
                 self.mode = "jvp"
                 if self.on_linearize_failure is not None:
                     self.on_linearize_failure(err)
-        if self._jvp_fn is not None:
-            return self._jvp_fn(u)
-        return torch.func.jvp(self.fn, (self.x0,), (u,))[1]
 
     def _check_linearized(self, jvp_fn: Callable[[Tensor], Tensor]) -> None:
         """Check one prebuilt product on a fixed pseudo-random direction.
@@ -196,11 +205,14 @@ class JacobianOperator:
         if self._columns is None:
             eye = torch.eye(self.n, dtype=self.x0.dtype, device=self.x0.device)
             cols = None
-            if self.n > VMAP_MIN_COLUMNS:
+            self._prepare_jvp()
+            if self.n > VMAP_MIN_COLUMNS and self.vmap_columns:
                 try:  # one batched pass when the residual function supports vmap
                     cols = torch.func.vmap(self._raw_jvp)(eye).T
                 except Exception:  # noqa: BLE001 - not vmappable: one product per column
-                    cols = None
+                    self.vmap_columns = False
+                    if self.on_vmap_failure is not None:
+                        self.on_vmap_failure()
             if cols is None:
                 cols = torch.stack([self._raw_jvp(eye[i]) for i in range(self.n)], dim=1)
             self.counters.jvps += self.n
