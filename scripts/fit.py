@@ -111,6 +111,11 @@ def check_solver_overrides(argv: list[str]) -> None:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
+        if isinstance(value, str):  # YAML 1.1 reads 1e-12 (no dot) as a string; Hydra's parser reads a float
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if not _type_ok(value, hints[key]):
             want = words.get(hints[key], f"a value of type {hints[key]}")
             print(f"error: solver.{key}: expected {want}, got {value!r}", file=sys.stderr)

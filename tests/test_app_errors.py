@@ -122,6 +122,8 @@ def test_solver_overrides_are_checked_before_hydra(argv, line, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(line), err
     fit_module().check_solver_overrides(["solver.max_iterations=7", "solver=adam", "solver.lr=0.1"])  # fine
+    # exponents without a dot are numbers (YAML 1.1 alone would read a string; Hydra reads a float)
+    fit_module().check_solver_overrides(["solver.function_tolerance=1e-12", "solver.initial_damping=2E3"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
