@@ -7,13 +7,14 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+from reference_zbuffer import look_at, read_obj
+from reference_zbuffer import rodrigues as rot  # noqa: F401 - tests import it from here
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT = ROOT / "scripts" / "fit.py"
@@ -78,11 +79,6 @@ def fit_env() -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)])}
 
 
-def run_subprocess(tmp: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(fit_cmd(f"cache_dir={tmp / 'cache'}", *overrides), capture_output=True, text=True,
-                          env=fit_env(), cwd=tmp, timeout=timeout)
-
-
 def eye_errors(eye) -> tuple[float, float]:
     eye = np.asarray(eye, dtype=np.float64)
     cos = eye @ TRUE_EYE / (np.linalg.norm(eye) * np.linalg.norm(TRUE_EYE))
@@ -126,39 +122,6 @@ class MySolver:
 
 
 # ---------------------------------------------------------------------------------- image folders
-def rot(axis_angle) -> np.ndarray:
-    """Rodrigues' formula, written here independently of the package."""
-    w = np.asarray(axis_angle, dtype=np.float64)
-    th = np.linalg.norm(w)
-    if th < 1e-12:
-        return np.eye(3)
-    k = w / th
-    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + math.sin(th) * K + (1 - math.cos(th)) * K @ K
-
-
-def look_at_np(eye) -> tuple[np.ndarray, np.ndarray]:
-    """OpenCV world->camera (R, t) looking at the origin, y up in the world (image y down)."""
-    eye = np.asarray(eye, dtype=np.float64)
-    z = -eye / np.linalg.norm(eye)
-    x = np.cross(z, [0.0, 1.0, 0.0])
-    x /= np.linalg.norm(x)
-    y = np.cross(z, x)
-    R = np.stack([x, y, z])
-    return R, -R @ eye
-
-
-def obj_verts_faces(path) -> tuple[np.ndarray, np.ndarray]:
-    v, f = [], []
-    for line in Path(path).read_text().splitlines():
-        parts = line.split()
-        if parts and parts[0] == "v":
-            v.append([float(a) for a in parts[1:4]])
-        elif parts and parts[0] == "f":
-            f.append([int(a.split("/")[0]) - 1 for a in parts[1:4]])
-    return np.array(v), np.array(f)
-
-
 def write_views(folder: Path, aa, trans, size=48, views=3, ss=8) -> list[dict]:
     """Silhouettes drawn with PIL, independent of our rasterizer: projected triangles filled at ``ss``x the
     resolution, box-filtered down to a coverage alpha (PIL's fill includes edge pixels: supersampling
@@ -166,14 +129,14 @@ def write_views(folder: Path, aa, trans, size=48, views=3, ss=8) -> list[dict]:
     from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
-    v, f = obj_verts_faces(ROOT / "assets" / "teapot.obj")
+    v, f, *_ = read_obj(ROOT / "assets" / "teapot.obj")
     vw = v @ rot(aa).T + np.asarray(trans)
     fx = 0.5 * size / math.tan(math.radians(25))
     entries = []
     for i in range(views):
         az = math.radians(30 + 120 * i)
         eye = 3.0 * np.array([math.cos(0.4) * math.sin(az), math.sin(0.4), math.cos(0.4) * math.cos(az)])
-        R, t = look_at_np(eye)
+        R, t = look_at(eye)
         pc = vw @ R.T + t
         uv = pc[:, :2] / pc[:, 2:] * fx + size / 2  # pixel units; pixel (i, j) has its center at (j+.5, i+.5)
         big = Image.new("L", (size * ss, size * ss), 0)
