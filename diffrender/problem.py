@@ -224,6 +224,7 @@ class Linearization:
     _gradient: Tensor | None = field(default=None, repr=False)
     _dense: Tensor | None = field(default=None, repr=False)
     _hessian: HessianOperator | None = field(default=None, repr=False)
+    _gradient_norm: float | None = field(default=None, repr=False)
 
     @property
     def cost(self) -> float:
@@ -240,6 +241,14 @@ class Linearization:
         if self._gradient is None:
             self._gradient = self.op.vjp(self.residual)
         return self._gradient
+
+    @property
+    def gradient_norm(self) -> float:
+        """``max_j |g_j|`` (what the solvers' gradient test and reports use), computed once per point."""
+        if self._gradient_norm is None:
+            g = self.gradient
+            self._gradient_norm = float(g.abs().max()) if g.numel() else 0.0
+        return self._gradient_norm
 
     def dense_jtj(self) -> Tensor:
         """``J~^T J~: (n, n)`` assembled from ``n`` JVPs (cached)."""

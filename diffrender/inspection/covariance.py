@@ -165,5 +165,4 @@ def covariance(problem: Problem, x: dict[str, Tensor], ctx: Any = None, *, block
         msg += f"; {unconverged} of {probes} PCG solves stopped before rtol {rtol_cg:.1e}"
     return Uncertainty(**common, method="hutchinson", variance=var, covariance=None, rank=None,
                        null_space=op.x0.new_zeros(n, 0), null_fraction=None, std_error=err,
-                       cond=math.inf if cnd.rank_deficient else cnd.cond,
-                       products=op.counters.jvps + op.counters.vjps - products0, message=msg)
+                       cond=cnd.cond, products=op.counters.jvps + op.counters.vjps - products0, message=msg)

@@ -359,7 +359,7 @@ def gauss_newton_gap(problem: Problem, x: dict[str, Tensor], v: Tensor, ctx: Any
     """The part of Newton's Hessian that the Gauss-Newton model drops, applied to ``v: (n,)``: one
     Hessian-vector product (forward over reverse) and one ``J~^T J~`` product.  ``ctx`` as in ``problem``."""
     lin = lin if lin is not None else problem.linearize(x, ctx)
-    hv = problem.hessian(x, ctx).hvp(v)
+    hv = lin.hessian().hvp(v)  # at lin's point and prepared context
     gv = lin.op.jtj(v)
     gap = float(torch.linalg.vector_norm(hv - gv))
     hn = float(torch.linalg.vector_norm(hv))

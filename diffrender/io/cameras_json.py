@@ -22,20 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffrender.camera import Camera, focal_from_fov
+from diffrender.camera import Camera, focal_from_fov, look_at
 from diffrender.errors import UserError
 from diffrender.io.views import Views, all_or_none, check_rotation, entries, make_camera, number, numbers, path_field
 
 
 def _look_at(eye: np.ndarray, at: np.ndarray, up: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """OpenCV world->camera (R, t) looking from ``eye`` at ``at`` (float64, the convention of camera.look_at)."""
-    z = at - eye
-    x = np.cross(z, up)
-    if np.linalg.norm(z) == 0 or np.linalg.norm(x) == 0:
+    """OpenCV world->camera (R, t) looking from ``eye`` at ``at`` (float64): camera.look_at, after a check that
+    names the file's view."""
+    if np.linalg.norm(at - eye) == 0 or np.linalg.norm(np.cross(at - eye, up)) == 0:
         raise UserError(f"{where}: 'eye', 'at' and 'up' must not be collinear (eye {eye.tolist()}, at {at.tolist()})")
-    z, x = z / np.linalg.norm(z), x / np.linalg.norm(x)
-    R = np.stack([x, np.cross(z, x), z])
-    return R, -R @ eye
+    R, t = look_at(torch.from_numpy(eye)[None], torch.from_numpy(at), torch.from_numpy(up))
+    return R[0].numpy(), t[0].numpy()
 
 
 def _intrinsics(view: dict, h: int, w: int, where: str) -> tuple[list[float], list[float]]:

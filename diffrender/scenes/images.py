@@ -187,8 +187,10 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
         rot, t = pose_to_extrinsics(p.get("axis_angle", fixed_aa)[None], p.get("translation", fixed_t)[None])
         return v @ rot[0].transpose(0, 1) + t[0]
 
+    colors_fixed = upsample(colors0) if colors0 is not None else None
+
     def colors(p: Params) -> Tensor | None:
-        return p["colors"] if "colors" in p else (upsample(colors0) if colors0 is not None else None)
+        return p["colors"] if "colors" in p else colors_fixed
 
     def bg(p: Params) -> Tensor:
         return p["background"] if "background" in p else bg_fixed
@@ -225,12 +227,12 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
             return out["rgb"]
         return out["rgb"] + (1 - out["alpha"]).unsqueeze(-1) * bg(p)
 
-    def regularizers(q: Params, keys: list[str], level: str) -> dict[str, Tensor]:
-        """Smoothness blocks of the free per-vertex unknowns (q: all parameters)."""
+    def regularizers(q: Params, keys: list[str], level: str, v: Tensor) -> dict[str, Tensor]:
+        """Smoothness blocks of the free per-vertex unknowns (q: all parameters; v = verts(q, level), which
+        without subdivision are the coarse vertices at either level)."""
         blocks = {}
         if "offsets" in keys or "offsets_fine" in keys:
-            v, tp, f = (verts(q, "out"), topo_fine, faces_out) if level == "out" and fine else \
-                (verts(q, "coarse"), topo, faces)
+            tp, f = (topo_fine, faces_out) if level == "out" and fine else (topo, faces)
             blocks.update(laplacian=laplacian_residual(v, tp), edge=edge_residual(v, tp),
                           normal=normal_residual(v, f, tp))
         if "colors" in keys:  # also keeps colors that no view sees finite (tied to their neighbours)
@@ -270,7 +272,7 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
                     blocks["silhouette"] = out["alpha"] - tgt
                 if with_rgb:
                     blocks["color"] = shade(q, out) - rgb_target
-                blocks.update(regularizers(q, keys, level))
+                blocks.update(regularizers(q, keys, level, v))
                 return blocks
 
             def prepare(p):

@@ -115,9 +115,8 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
                intensity=light_intensity, ambient=ambient, degree=albedo_degree, specular=material.specular,
                shininess=material.shininess, dtype=str(ctx.dtype))
 
-    def make():
-        with torch.no_grad():
-            out = rgb(gt)
+    def make():  # cached() renders without gradients
+        out = rgb(gt)
         return {"rgb": out["rgb"], "alpha": out["alpha"]}
 
     target = cached(ctx, key, make)

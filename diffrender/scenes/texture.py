@@ -99,11 +99,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
                gamma=settings.gamma, fov=fov_deg, views=views, distance=distance, elev=list(elevations_deg),
                dtype=str(ctx.dtype), cull=settings.cull_backfaces, eps=settings.eps, margin=settings.margin_px)
 
-    def make() -> dict[str, Tensor]:
-        with torch.no_grad():
-            return render(gt)
-
-    target = cached(ctx, key, make)
+    target = cached(ctx, key, lambda: render(gt))  # cached() renders without gradients
     # Each texel's footprint: how many pixels' worth of unlit color it gives, Σ_pixels ∂rgb/∂texel. Every
     # Jacobian entry is ≥ 0 (bilinear weights, blend weights, α), so a zero footprint is a zero column.
     probe = torch.full_like(gt, float(start_value), requires_grad=True)

@@ -115,7 +115,7 @@ class SecondOrderSolver(Solver):
         ws.timings["linearize"] += time.perf_counter() - t
         ws.lin, ws.m = lin, lin.op.m
         if state.iteration == 0:
-            ws.start_gradient_norm = self.gradient_norm(lin)
+            ws.start_gradient_norm = lin.gradient_norm
         return self.gradient_converged(lin, state, ws)
 
     def jvp_mode(self) -> str:
@@ -168,11 +168,6 @@ class SecondOrderSolver(Solver):
 
         return matvec
 
-    @staticmethod
-    def gradient_norm(lin: Linearization) -> float:
-        g = lin.gradient
-        return float(g.abs().max()) if g.numel() else 0.0
-
     # ---------------------------------------------------------------- trial points
     def evaluate_trial(self, problem: Problem, state: SolverState, ws: Workspace, delta: Tensor,
                        linearize: bool = False) -> Trial:
@@ -203,7 +198,7 @@ class SecondOrderSolver(Solver):
     # ---------------------------------------------------------------- convergence tests (all of them, here)
     def gradient_converged(self, lin: Linearization, state: SolverState, ws: Workspace) -> str | None:
         o = self.options
-        gnorm = self.gradient_norm(lin)
+        gnorm = lin.gradient_norm
         if not math.isfinite(gnorm):
             ws.message = "the gradient is not finite at the current point"
             return "failure"

@@ -63,9 +63,8 @@ class _Path:
 class SteihaugNewton(Descent):
     """Steihaug-Toint truncated Newton-CG on the exact Hessian; ``scaling=None`` uses the 2-norm."""
 
-    def __init__(self, scaling: DiagonalScaling | None = None, max_iterations: int | None = None) -> None:
+    def __init__(self, scaling: DiagonalScaling | None = None) -> None:
         self.scaling = scaling
-        self.max_iterations = max_iterations
         self._path: _Path | None = None
 
     def _start(self, loop: SecondOrderSolver, state: SolverState, ws: Workspace) -> _Path:
@@ -91,8 +90,7 @@ class SteihaugNewton(Descent):
         """One more CG leg; False once the path has ended."""
         if path.end is not None or path.closed:
             return False
-        limit = self.max_iterations or loop.options.max_cg_iterations
-        if len(path.legs) >= limit:
+        if len(path.legs) >= loop.options.max_cg_iterations:
             path.end = (path.p, path.q)
             return False
         hess = path.lin.hessian()

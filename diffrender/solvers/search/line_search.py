@@ -44,7 +44,7 @@ class ArmijoLineSearch(Search):
             delta = -g
             slope = -float(g @ g)
             pred = -slope
-        rec = IterationRecord(state.iteration + 1, state.cost, gradient_norm=loop.gradient_norm(lin),
+        rec = IterationRecord(state.iteration + 1, state.cost, gradient_norm=lin.gradient_norm,
                               cg_iterations=step.cg_iterations, accepted=False, block_costs=state.block_costs)
         rec.step_norm = float(delta.norm())
         if (msg := loop.step_converged(problem, state, rec.step_norm)) is not None:

@@ -140,7 +140,7 @@ class TrustRegion(Search):
         t = time.perf_counter()
         step = loop.descent.step(loop, problem, state, ws, region)
         ws.timings["linear_solve"] += time.perf_counter() - t
-        rec = IterationRecord(state.iteration + 1, state.cost, gradient_norm=loop.gradient_norm(ws.lin),
+        rec = IterationRecord(state.iteration + 1, state.cost, gradient_norm=ws.lin.gradient_norm,
                               cg_iterations=step.cg_iterations, accepted=False, block_costs=state.block_costs)
         self.policy.record(rec, region)
         if not step.valid:  # invalid step: a rejection (Ceres' HandleInvalidStep)
