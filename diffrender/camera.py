@@ -102,10 +102,7 @@ class Camera:
 
     def scaled(self, factor: float) -> Camera:
         """The same views at an image size scaled by ``factor`` (for coarse-to-fine fitting)."""
-        h, w = max(1, round(self.height * factor)), max(1, round(self.width * factor))
-        sx, sy = w / self.width, h / self.height
-        s = self.focal.new_tensor([sx, sy])
-        return replace(self, focal=self.focal * s, principal=self.principal * s, height=h, width=w)
+        return with_size(self, max(1, round(self.height * factor)), max(1, round(self.width * factor)))
 
 
 def _safe_normalize(v: Tensor, eps: float = 1e-12) -> Tensor:

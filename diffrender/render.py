@@ -158,12 +158,14 @@ class PairCache:
         faces = self.faces.long()
         xy, z = camera.project(verts)
         cull = should_cull(self.settings.cull_backfaces, verts, self.faces, camera)
-        valid = searched_faces(xy, z, faces, camera.near, False, self.settings.backend)  # what the search keeps
-        key = (camera.num_views, camera.height, camera.width, camera.near, cull, verts.shape[0], verts.dtype)
+        valid = searched_faces(xy, z, faces, camera.near, self.settings.backend)  # what the search keeps
+        # the search never culls (render does, at the geometry it renders), so culling is not part of the key
+        key = (camera.num_views, camera.height, camera.width, camera.near, verts.shape[0], verts.dtype)
         if self._pairs is not None and key == self._key and torch.equal(valid, self._valid):
             moved = (xy - self._xy).norm(dim=-1)  # (N, V) on-screen move of every vertex since the search
             if not bool((moved[self._used] > self.margin_px).any()):
                 self.reuses += 1
+                self._pairs.cull = cull
                 return self._pairs
         _check_values(verts, self.faces)
         self._pairs = find_pairs(xy, z, faces, camera.height, camera.width,

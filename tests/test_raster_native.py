@@ -7,7 +7,7 @@ import torch
 from diffrender.camera import camera_from_look_at
 from diffrender.mesh import icosphere, load_obj, normalize
 from diffrender.raster import native
-from diffrender.raster.coverage import SLACK_PX
+from diffrender.raster.coverage import SLACK_PX, use_native
 from diffrender.raster.shading import Lights, Material
 from diffrender.render import RenderSettings, prepare, render
 
@@ -140,3 +140,7 @@ def test_native_backend_needs_compiled_pairs_and_cpu_float_tensors():
         render(mesh.verts, mesh.faces, cam, pairs, RenderSettings(backend="native"))
     with pytest.raises(ValueError, match="RenderSettings.backend"):
         RenderSettings(backend="cuda")
+    half = mesh.verts.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="the kernels take float32 or float64, not torch.bfloat16"):
+        use_native(half, "native")
+    assert not use_native(half, "auto") and use_native(mesh.verts, "auto")

@@ -108,7 +108,7 @@ class Pairs:
             return self._covered()
 
     def _covered(self) -> Tensor:
-        if self.runs is not None and self.runs.device.type == "cpu" and native.available():
+        if self.runs is not None:  # only the compiled CPU search makes runs
             mask = native.covered(self.runs, self.num_views * self.height * self.width)
         else:
             mask = torch.zeros(self.num_views * self.height * self.width, dtype=torch.bool, device=self.pixel.device)
@@ -134,11 +134,11 @@ def front_facing(area2: Tensor) -> Tensor:
     return area2 < 0
 
 
-def searched_faces(xy: Tensor, z: Tensor, faces: Tensor, near: float, cull_backfaces: bool, backend: str) -> Tensor:
-    """``valid_faces`` as the search of ``backend`` computes it (N*F,) bool. xy: (N, V, 2); z: (N, V)."""
+def searched_faces(xy: Tensor, z: Tensor, faces: Tensor, near: float, backend: str) -> Tensor:
+    """``valid_faces`` (no culling) as the search of ``backend`` computes it (N*F,) bool. xy: (N, V, 2); z: (N, V)."""
     if use_native(xy, backend):
-        return native.valid_faces(xy, z, faces, near, cull_backfaces)
-    return valid_faces(z, faces, face_rows(xy, z, faces)[1], near, cull_backfaces)
+        return native.valid_faces(xy, z, faces, near, False)
+    return valid_faces(z, faces, face_rows(xy, z, faces)[1], near, False)
 
 
 def valid_faces(z: Tensor, faces: Tensor, area2: Tensor, near: float, cull_backfaces: bool) -> Tensor:
