@@ -333,3 +333,9 @@ def test_dense_jacobian_of_a_function_without_vmap_keeps_the_transpose_mode():
     assert again.op.vmap_columns is False  # the problem remembers: no second failing attempt
     jv = torch.autograd.functional.jacobian(lambda x: (a @ x) ** 3, x0 + 0.1)
     torch.testing.assert_close(again.op.dense_jtj(), jv.T @ jv, rtol=1e-10, atol=1e-10)
+    # the inspection's batched columns go the same way: first product outside vmap, the mode kept
+    from diffrender.inspection import Jacobian
+    fresh = Problem(lambda p, ctx: {"r": _Cube.apply(a @ p["x"])})
+    jac = Jacobian(fresh, {"x": x0})
+    torch.testing.assert_close(jac.columns(range(12)), j, rtol=1e-10, atol=1e-10)
+    assert jac.op.mode == "transpose" and fresh.linearize_error is None

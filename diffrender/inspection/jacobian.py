@@ -86,6 +86,11 @@ def unit_products(apply: Callable[[Tensor], Tensor], dim: int, indices: Sequence
         raise ValueError("unit_products: no indices")
     outs: list[Tensor] = []
     batched = chunk > 1 and idx.numel() > 1
+    if batched:  # one plain product first: what an operator sets up on first use must not be built under vmap
+        e0 = torch.zeros(dim, dtype=like.dtype, device=like.device)
+        e0[idx[0]] = 1
+        outs.append(apply(e0)[:, None])
+        idx = idx[1:]
     for start in range(0, idx.numel(), max(chunk, 1)):
         part = idx[start:start + max(chunk, 1)]
         eye = torch.zeros(part.numel(), dim, dtype=like.dtype, device=like.device)
