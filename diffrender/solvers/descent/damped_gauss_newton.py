@@ -35,6 +35,35 @@ def jacobi(diag: Tensor) -> object:
     return lambda v: inv * v
 
 
+def normal_solver(loop: SecondOrderSolver, problem: Problem, state: SolverState, ws: Workspace,
+                  damping: Tensor | None) -> Callable[[Tensor], tuple[Tensor, LinearSolve]]:
+    """``b -> (J~^T J~ + diag(damping))^-1 b`` (dense Cholesky or PCG as the loop chooses), with the solve's
+    record; ``damping=None``: the undamped Gauss-Newton system (the dogleg's GN point)."""
+    lin = ws.lin
+    assert lin is not None
+    o = loop.options
+    if loop.use_dense(lin.op.n):
+        a = lin.dense_jtj() if damping is None else lin.dense_jtj() + torch.diag(damping)
+
+        def dense(b: Tensor) -> tuple[Tensor, LinearSolve]:
+            sol = solve_spd(b, matrix=a)
+            return sol.x, sol
+
+        return dense
+    diag = loop.diagonal(state, ws)
+    pre = problem.make_preconditioner(PreconditionerInfo(state.x, ws.ctx, problem.layout(state.x), diag,
+                                                         torch.zeros_like(diag) if damping is None else damping))
+    jtj = loop.curvature(problem, state, ws)
+    matvec = jtj if damping is None else (lambda v: jtj(v) + damping * v)
+
+    def cg(b: Tensor) -> tuple[Tensor, LinearSolve]:
+        sol = solve_spd(b, matvec=matvec, precond=pre or jacobi(diag if damping is None else diag + damping),
+                        max_iterations=o.max_cg_iterations, rtol=o.cg_rtol, eta=o.eta if o.eta > 0 else None)
+        return sol.x, sol
+
+    return cg
+
+
 class DampedGaussNewton(Descent):
     """The (damped) Gauss-Newton step; ``scaling=None`` damps with the identity (and GN uses ``lambda = 0``)."""
 
@@ -58,7 +87,7 @@ class DampedGaussNewton(Descent):
         o = loop.options
         g = lin.gradient
         damping = self.damping(loop, state, ws, region)
-        solve = self._solver(loop, problem, state, ws, damping)
+        solve = normal_solver(loop, problem, state, ws, damping)
         delta, sol = solve(-g)
         if loop.use_dense(lin.op.n):
             h = lin.dense_jtj()
@@ -82,32 +111,6 @@ class DampedGaussNewton(Descent):
         norm = float(torch.linalg.vector_norm(delta * self.scaling(loop, state, ws).sqrt())) \
             if self.scaling is not None and region.damping > 0 else float(torch.linalg.vector_norm(delta))
         return Step(delta, pred, norm=norm, cg_iterations=iterations)
-
-    def _solver(self, loop: SecondOrderSolver, problem: Problem, state: SolverState, ws: Workspace,
-                damping: Tensor) -> Callable[[Tensor], tuple[Tensor, LinearSolve]]:
-        """``b -> (J~^T J~ + damping)^-1 b`` (dense Cholesky or PCG), with the solve's record."""
-        lin = ws.lin
-        assert lin is not None
-        o = loop.options
-        if loop.use_dense(lin.op.n):
-            a = lin.dense_jtj() + torch.diag(damping)
-
-            def dense(b: Tensor) -> tuple[Tensor, LinearSolve]:
-                sol = solve_spd(b, matrix=a)
-                return sol.x, sol
-
-            return dense
-        diag = loop.diagonal(state, ws)
-        pre = problem.make_preconditioner(PreconditionerInfo(state.x, ws.ctx, problem.layout(state.x), diag,
-                                                             damping))
-        jtj = loop.curvature(problem, state, ws)
-
-        def cg(b: Tensor) -> tuple[Tensor, LinearSolve]:
-            sol = solve_spd(b, matvec=lambda v: jtj(v) + damping * v, precond=pre or jacobi(diag + damping),
-                            max_iterations=o.max_cg_iterations, rtol=o.cg_rtol, eta=o.eta if o.eta > 0 else None)
-            return sol.x, sol
-
-        return cg
 
     def _acceleration(self, problem: Problem, state: SolverState, ws: Workspace, v: Tensor,
                       solve: Callable[[Tensor], tuple[Tensor, LinearSolve]], d: Tensor) -> tuple[Tensor, int] | None:

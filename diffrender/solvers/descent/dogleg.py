@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from diffrender.linalg.solve import solve_spd
-from diffrender.problem import Linearization, PreconditionerInfo, Problem
+from diffrender.problem import Linearization, Problem
 from diffrender.solvers.descent.base import Descent, Region, Step
-from diffrender.solvers.descent.damped_gauss_newton import jacobi
+from diffrender.solvers.descent.damped_gauss_newton import normal_solver
 from diffrender.solvers.descent.scaling import DiagonalScaling
 from diffrender.solvers.records import SolverState
 
@@ -54,7 +53,6 @@ class Dogleg(Descent):
     def _compute(self, loop: SecondOrderSolver, problem: Problem, state: SolverState, ws: Workspace) -> _Points:
         lin = ws.lin
         assert lin is not None
-        o = loop.options
         g, op = lin.gradient, lin.op
         d2 = self.scaling(loop, state, ws) if self.scaling is not None else torch.ones_like(g)
         p = g / d2
@@ -71,18 +69,8 @@ class Dogleg(Descent):
         alpha = gp / curv if bounded else 1.0
         cauchy = -alpha * p
         j_cauchy = None if jp is None else -alpha * jp
-        if dense:
-            sol = solve_spd(-g, matrix=lin.dense_jtj())
-            gn, j_gn = sol.x, None
-        else:
-            diag = loop.diagonal(state, ws)
-            zero = torch.zeros_like(g)
-            pre = problem.make_preconditioner(PreconditionerInfo(state.x, ws.ctx, problem.layout(state.x), diag,
-                                                                 zero))
-            sol = solve_spd(-g, matvec=loop.curvature(problem, state, ws), precond=pre or jacobi(diag),
-                            max_iterations=o.max_cg_iterations, rtol=o.cg_rtol, eta=o.eta if o.eta > 0 else None)
-            gn = sol.x
-            j_gn = op.jvp(gn) if bool(torch.isfinite(gn).all()) else None
+        gn, sol = normal_solver(loop, problem, state, ws, None)(-g)
+        j_gn = op.jvp(gn) if not dense and bool(torch.isfinite(gn).all()) else None
         if not bool(torch.isfinite(gn).all()) or not float(g @ gn) < 0:
             gn, j_gn = None, None
         return _Points(lin, d2.sqrt(), cauchy, j_cauchy, bounded, gn, j_gn, sol.iterations)
