@@ -83,15 +83,21 @@ class Camera:
 
     def backproject(self, depth: Tensor) -> Tensor:
         """World points (N, H, W, 3) at camera depth ``depth: (N, H, W)`` along each pixel center's ray."""
-        dtype, device = self.focal.dtype, self.focal.device
-        y, x = torch.meshgrid(torch.arange(self.height, dtype=dtype, device=device) + 0.5,
-                              torch.arange(self.width, dtype=dtype, device=device) + 0.5, indexing="ij")
-        f = self.focal[:, None, None, :]
-        c = self.principal[:, None, None, :]
-        xy = (torch.stack([x, y], -1) - c) / f  # (N, H, W, 2): normalized image coordinates
-        cam = torch.cat([xy, torch.ones_like(xy[..., :1])], -1) * depth.unsqueeze(-1)
-        # x_world = Rᵀ (x_cam - t), written as a row-vector product per view.
-        return (cam - self.t[:, None, None, :]) @ self.R[:, None]
+        pixel = torch.arange(depth.numel(), device=depth.device)
+        return self.backproject_pixels(pixel, depth.reshape(-1)).reshape(*depth.shape, 3)
+
+    def backproject_pixels(self, pixel: Tensor, depth: Tensor) -> Tensor:
+        """World points (K, 3) at camera depth ``depth: (K,)`` on the rays through the flat pixel indices
+        ``pixel: (K,)`` (view-major, as ``N*H*W`` images are flattened)."""
+        hw = self.height * self.width
+        view = torch.div(pixel, hw, rounding_mode="floor")
+        rest = pixel - view * hw
+        row = torch.div(rest, self.width, rounding_mode="floor")
+        xy = torch.stack([rest - row * self.width, row], -1).to(depth.dtype) + 0.5
+        uv = (xy - self.principal.index_select(0, view)) / self.focal.index_select(0, view)
+        cam = torch.cat([uv, torch.ones_like(uv[:, :1])], -1) * depth.unsqueeze(-1)
+        # x_world = Rᵀ (x_cam - t), written as a row-vector product per point
+        return ((cam - self.t.index_select(0, view)).unsqueeze(-2) @ self.R.index_select(0, view)).squeeze(-2)
 
     def select(self, index: Tensor | Sequence[int] | slice) -> Camera:
         """A camera holding a subset of the views."""

@@ -257,7 +257,7 @@ def render(verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs, settings:
             # Deferred shading: albedo and normal are blended per pixel and lit once per pixel, at the
             # point on the pixel's ray at the blended depth (cheaper than interpolating positions).
             view = torch.div(cov, h * w, rounding_mode="floor")
-            points = _backproject(camera, cov, b[:, 0])
+            points = camera.backproject_pixels(cov, b[:, 0])
             color = shade(color, points, b[:, 4:7], camera.centers.index_select(0, view), lights,
                           material or Material())
         bg = torch.as_tensor(settings.background, dtype=blended.dtype, device=blended.device)
@@ -265,19 +265,6 @@ def render(verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs, settings:
         rgb = torch.zeros(n * h * w, 3, dtype=blended.dtype, device=blended.device).index_add(0, cov, a * (color - bg))
         result["rgb"] = (rgb + bg).reshape(n, h, w, 3)
     return result
-
-
-def _backproject(camera: Camera, pixel: Tensor, depth: Tensor) -> Tensor:
-    """World points (K, 3) at camera depth ``depth`` (K,) on the rays through the flat pixels ``pixel`` (K,)."""
-    hw = camera.height * camera.width
-    view = torch.div(pixel, hw, rounding_mode="floor")
-    rest = pixel - view * hw
-    row = torch.div(rest, camera.width, rounding_mode="floor")
-    xy = torch.stack([rest - row * camera.width, row], -1).to(depth.dtype) + 0.5
-    uv = (xy - camera.principal.index_select(0, view)) / camera.focal.index_select(0, view)
-    cam = torch.cat([uv, torch.ones_like(uv[:, :1])], -1) * depth.unsqueeze(-1)
-    # x_world = Rᵀ (x_cam - t)
-    return ((cam - camera.t.index_select(0, view)).unsqueeze(-2) @ camera.R.index_select(0, view)).squeeze(-2)
 
 
 def _sweep_native(xy: Tensor, z: Tensor, verts: Tensor, faces: Tensor, camera: Camera, pairs: Pairs,

@@ -64,9 +64,8 @@ class _Sweep(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, t_xy, t_z, t_attrs, _):
-        xy, z, attrs, out, state = (t.detach() for t in ctx.saved_tensors)
-        return *_SweepJVP.apply(_or_zeros(t_xy, xy), _or_zeros(t_z, z), _or_zeros(t_attrs, attrs), xy, z, attrs, out,
-                                state, ctx.spec), None
+        point = (*(t.detach() for t in ctx.saved_tensors), ctx.spec)
+        return *_jvp_at(point, t_xy, t_z, t_attrs), None
 
 
 class _SweepJVP(torch.autograd.Function):
@@ -86,8 +85,7 @@ class _SweepJVP(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tt_xy, tt_z, tt_attrs, *_):
-        xy, z, attrs = ctx.point[:3]
-        return _SweepJVP.apply(_or_zeros(tt_xy, xy), _or_zeros(tt_z, z), _or_zeros(tt_attrs, attrs), *ctx.point)
+        return _jvp_at(ctx.point, tt_xy, tt_z, tt_attrs)
 
 
 class _SweepVJP(torch.autograd.Function):
@@ -103,9 +101,7 @@ class _SweepVJP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gg_xy, gg_z, gg_attrs):
-        xy, z, attrs = ctx.point[:3]
-        return *_SweepJVP.apply(_or_zeros(gg_xy, xy), _or_zeros(gg_z, z), _or_zeros(gg_attrs, attrs), *ctx.point), \
-            None, None, None, None, None, None
+        return *_jvp_at(ctx.point, gg_xy, gg_z, gg_attrs), None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, tg_alpha, tg_out, *_):
@@ -122,3 +118,9 @@ def sweep(xy: Tensor, z: Tensor, attrs: Tensor, spec: SweepSpec) -> tuple[Tensor
     """
     alpha, out, _ = _Sweep.apply(xy, z, attrs, spec)
     return alpha, out
+
+
+def _jvp_at(point: tuple, t_xy: Tensor | None, t_z: Tensor | None, t_attrs: Tensor | None) -> tuple[Tensor, Tensor]:
+    """J (t_xy, t_z, t_attrs) at ``point = (xy, z, attrs, out, state, spec)``; a missing tangent is zero."""
+    xy, z, attrs = point[:3]
+    return _SweepJVP.apply(_or_zeros(t_xy, xy), _or_zeros(t_z, z), _or_zeros(t_attrs, attrs), *point)
