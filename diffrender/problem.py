@@ -250,6 +250,14 @@ class Linearization:
             self._gradient_norm = float(g.abs().max()) if g.numel() else 0.0
         return self._gradient_norm
 
+    def model_decrease(self, delta: Tensor, j_delta: Tensor | None = None) -> float:
+        """``m(0) - m(delta)`` of the Gauss-Newton model ``m(d) = 1/2 ||r~ + J~ d||^2``, i.e.
+        ``-(g.d + 1/2 ||J~ d||^2)``: from ``j_delta = J~ delta`` when given, else from the dense ``J~^T J~``."""
+        g = self.gradient
+        if j_delta is None:
+            return -float(g @ delta + 0.5 * delta @ (self.dense_jtj() @ delta))
+        return -float(g @ delta + 0.5 * self.op.dot(j_delta, j_delta))
+
     def dense_jtj(self) -> Tensor:
         """``J~^T J~: (n, n)`` assembled from ``n`` JVPs (cached)."""
         if self._dense is None:

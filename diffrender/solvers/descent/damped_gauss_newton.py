@@ -90,11 +90,9 @@ class DampedGaussNewton(Descent):
         solve = normal_solver(loop, problem, state, ws, damping)
         delta, sol = solve(-g)
         if loop.use_dense(lin.op.n):
-            h = lin.dense_jtj()
-            pred = -float(g @ delta + 0.5 * delta @ (h @ delta))
+            pred = lin.model_decrease(delta)
         elif o.exact_model_decrease:
-            jd = lin.op.jvp(delta)
-            pred = -float(g @ delta + 0.5 * lin.op.dot(jd, jd))
+            pred = lin.model_decrease(delta, lin.op.jvp(delta))
         else:  # -Q(delta) of the damped system minus the damping's share: no extra product
             pred = sol.model_decrease + 0.5 * float(delta @ (damping * delta))
         iterations = sol.iterations
@@ -106,8 +104,7 @@ class DampedGaussNewton(Descent):
             if accel is not None:  # else the correction is too large to trust: the plain step
                 delta = delta + 0.5 * accel[0]
                 iterations += accel[1]
-                jd = lin.op.jvp(delta)
-                pred = -float(g @ delta + 0.5 * lin.op.dot(jd, jd))
+                pred = lin.model_decrease(delta, lin.op.jvp(delta))
         norm = float(torch.linalg.vector_norm(delta * self.scaling(loop, state, ws).sqrt())) \
             if self.scaling is not None and region.damping > 0 else float(torch.linalg.vector_norm(delta))
         return Step(delta, pred, norm=norm, cg_iterations=iterations)

@@ -102,12 +102,7 @@ class Dogleg(Descent):
             delta = pts.cauchy + tau * (pts.gn - pts.cauchy)
             j_delta = None if pts.j_cauchy is None else pts.j_cauchy + tau * (pts.j_gn - pts.j_cauchy)
             on_boundary = True
-        g = ws.lin.gradient
-        if j_delta is None:
-            h = ws.lin.dense_jtj()
-            pred = -float(g @ delta + 0.5 * delta @ (h @ delta))
-        else:
-            pred = -float(g @ delta + 0.5 * ws.lin.op.dot(j_delta, j_delta))
+        pred = ws.lin.model_decrease(delta, j_delta)
         norm = float(torch.linalg.vector_norm(pts.d * delta))
         return Step(delta, pred, norm=norm, cg_iterations=pts.cg_iterations if first else 0,
                     on_boundary=on_boundary)
