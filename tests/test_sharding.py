@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from distutil import SCENE, VARIANTS, free_port, make_problem, probe, scene_fit, solve_all, worker, x0
 
 from diffrender.errors import UserError
+from diffrender.linalg.operator import term_generators
 from diffrender.linalg.reduction import IDENTITY, Reduction
 from diffrender.problem import Problem
 from diffrender.scenes import cow_shape
@@ -52,6 +53,14 @@ def test_hutchinson_probes_do_not_depend_on_which_terms_a_process_holds():
     d_half = half.op.diag_hutchinson(3, torch.Generator().manual_seed(1))
     d_alone = alone.op.diag_hutchinson(3, torch.Generator().manual_seed(1))
     assert torch.allclose(d_half, d_alone, rtol=1e-12)  # same terms in another order: same probes
+    # and the same as t4's and t5's shares of the full problem's estimate (all its terms drawn from one seed)
+    names = list(full.op.ops)
+    assert len(names) > 2
+    gens = term_generators(torch.Generator().manual_seed(1), names)
+    shares = {t: full.op.ops[t].diag_hutchinson(3, gens[t]) for t in names}
+    assert torch.allclose(d_half, shares["t4"] + shares["t5"], rtol=1e-12)
+    d_full = full.op.diag_hutchinson(3, torch.Generator().manual_seed(1))
+    assert torch.allclose(d_full, sum(shares.values()), rtol=1e-12)
 
 
 def test_plan_views_keeps_graphs_when_they_fit_and_chunks_when_not():
