@@ -27,7 +27,17 @@ import torch
 from torch import Tensor
 
 from diffrender.errors import UserError
-from diffrender.scenes.base import BuildContext, Params, Scene, Stage, iou, psnr, render_settings, write_json
+from diffrender.scenes.base import (
+    BuildContext,
+    Params,
+    Scene,
+    Stage,
+    iou,
+    psnr,
+    render_settings,
+    sigma_stages,
+    write_json,
+)
 from diffrender.scenes.camera_unknowns import CAMERA_FREE, CameraUnknowns
 from diffrender.scenes.regularizers import (
     Topology,
@@ -203,9 +213,7 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
 
     # ---------------------------------------------------------------- stages
     final_sigma = float(sigma) if sigma else auto_sigma(H, W, eps=render_settings(1.0, gamma, ctx).eps)
-    sigmas = [float(s) for s in sigma_schedule if float(s) > final_sigma] if bool(ctx.opt("coarse_to_fine",
-                                                                                          coarse_to_fine)) else []
-    sigmas.append(float(ctx.opt("sigma", final_sigma)))
+    sigmas = sigma_stages(final_sigma, sigma_schedule, coarse_to_fine, ctx)
     sizes = [pyramid_size(H, W, s, coarse_blur_px, render_settings(s, gamma, ctx).eps) for s in sigmas[:-1]] + [(H, W)]
     mask_targets = MaskTargets(sil) if use_sil else None
     rgb_target = None
