@@ -99,6 +99,42 @@ def test_compiled_render_in_every_ad_mode_the_solvers_use():
     assert torch.allclose(v.grad, jtw[0], atol=1e-12) and torch.allclose(c.grad, jtw[1], atol=1e-12)
 
 
+def test_compiled_render_under_vmap_equals_one_product_per_tangent():
+    """vmap (a dense Jacobian's columns) over the JVPs the solvers build, the "transpose" (VJP of the VJP) and
+    "linearize" maps, and over VJPs: attribute-only batches take the one-sweep rule (distinct non-zero
+    channels), others loop; all against the PyTorch path one tangent at a time. (vmap over torch.func.jvp
+    itself is not supported: the solvers' dense columns fall back to a loop there.)"""
+    mesh, cam, colors, lights = scene(h=24, w=28)
+    (f_t, _), (f_n, _) = pipeline("torch", mesh, cam, lights), pipeline("native", mesh, cam, lights)
+    x = (mesh.verts, colors)
+    torch.manual_seed(3)
+    one_hot = torch.zeros(4, *colors.shape, dtype=D)
+    one_hot[0, 5, 1] = one_hot[1, 5, 1] = one_hot[2, 7, 0] = 1.0  # a repeated column, and an all-zero one
+    by_colors = [(torch.zeros_like(x[0]), u) for u in torch.cat([one_hot, torch.randn(2, *colors.shape, dtype=D)])]
+    by_verts = [(u, torch.zeros_like(x[1])) for u in torch.randn(3, *mesh.verts.shape, dtype=D) * 1e-2]
+    y, vjp_n = torch.func.vjp(f_n, *x)
+    _, transpose = torch.func.vjp(vjp_n, torch.zeros_like(y))
+    _, linearized = torch.func.linearize(f_n, *x)
+    for batch in (by_colors, by_verts):
+        want = torch.stack([torch.func.jvp(f_t, x, u)[1] for u in batch])
+        atol = 1e-10 * want.abs().max()
+        if batch is by_colors:  # the zero vertex tangent unbatched, as a dense Jacobian's colour columns have it
+            u = torch.stack([c for _, c in batch])
+            got_t = torch.func.vmap(lambda c: transpose((x[0] * 0, c))[0])(u)
+            got_l = torch.func.vmap(lambda c: linearized(x[0] * 0, c))(u)
+        else:
+            u = torch.stack([v for v, _ in batch])
+            got_t = torch.func.vmap(lambda v: transpose((v, x[1] * 0))[0])(u)
+            got_l = torch.func.vmap(lambda v: linearized(v, x[1] * 0))(u)
+        assert torch.allclose(got_t, want, rtol=0, atol=atol) and torch.allclose(got_l, want, rtol=0, atol=atol)
+    w = torch.randn(3, y.numel(), dtype=D)
+    _, vjp_t = torch.func.vjp(f_t, *x)
+    got = torch.func.vmap(vjp_n)(w)
+    want = [torch.stack(t) for t in zip(*[vjp_t(wi) for wi in w], strict=True)]
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10 * b.abs().max())
+
+
 def test_compiled_gradcheck_tiny_scene():
     torch.manual_seed(0)
     mesh = icosphere(0, dtype=D)

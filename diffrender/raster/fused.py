@@ -10,8 +10,9 @@ Derivatives are three autograd Functions. ``_Sweep``'s backward is ``_SweepVJP``
 rule is ``_SweepJVP``; these two are linear maps (J and Jᵀ at the sweep's point), each the other's
 transpose, so each one's backward is the other. That gives ``backward``, ``torch.func.vjp``/``jvp``/
 ``linearize`` and the "transpose" JVP (the VJP of a VJP) with one pair of kernels, which recompute the
-per-pair quantities instead of saving them. Not provided: second derivatives with respect to the
-geometry (the linear maps treat the point they were built at as constant) and ``vmap``.
+per-pair quantities instead of saving them; ``vmap`` (a dense Jacobian's columns) comes from the custom ops'
+rules. Not provided: second derivatives with respect to the geometry (the linear maps treat the point they
+were built at as constant).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class _Sweep(torch.autograd.Function):
 class _SweepJVP(torch.autograd.Function):
     """J at the point (xy, z, attrs, out, state): linear in (t_xy, t_z, t_attrs)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(t_xy, t_z, t_attrs, xy, z, attrs, out, state, spec):
         return torch.ops.diffrender.sweep_jvp(t_xy, t_z, t_attrs, xy, z, attrs, out, state, *spec.args())
@@ -90,6 +93,8 @@ class _SweepJVP(torch.autograd.Function):
 
 class _SweepVJP(torch.autograd.Function):
     """Jᵀ at the same point: linear in (g_alpha, g_out)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(g_alpha, g_out, xy, z, attrs, out, state, spec):

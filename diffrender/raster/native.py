@@ -290,6 +290,13 @@ def _contig(*ts: Tensor) -> list[Tensor]:
     return [t.contiguous() for t in ts]
 
 
+def _all_zero(*ts: Tensor) -> bool:
+    """Whether every (co)tangent is zero, so the linear map's product is zero without a sweep: the "transpose"
+    JVP mode builds its graph by one VJP of a zero cotangent, a whole sweep otherwise. A data-dependent test
+    is safe here: a custom op's body is opaque to tracing and runs on real tensors."""
+    return not any(bool(t.any()) for t in ts)
+
+
 # The three sweeps. dims: N*H*W, F, H, W, blend (0/1), band_rows, cull (0/1); consts: scale, r2, kz (kernels.c's
 # Params).
 # xy: (N, V, 2) pixel coordinates and z: (N, V) depths of the vertices; attrs: (V, C); faces: (F, 3);
@@ -321,6 +328,8 @@ def sweep_jvp(t_xy: Tensor, t_z: Tensor, t_attrs: Tensor, xy: Tensor, z: Tensor,
               state: Tensor, faces: Tensor, runs: Tensor, band_off: Tensor, band_pairs: Tensor, dims: list[int],
               consts: list[float]) -> tuple[Tensor, Tensor]:
     """J·(t_xy, t_z, t_attrs) at the forward's point: tangents of α (NP,) and of the blended values."""
+    if _all_zero(t_xy, t_z, t_attrs):
+        return xy.new_zeros(dims[0]), torch.zeros_like(out)
     t_xy, t_z, t_attrs, xy, z, attrs, out, state, faces, runs = _contig(t_xy, t_z, t_attrs, xy, z, attrs, out, state,
                                                                         faces, runs)
     t_alpha, t_out = torch.empty(dims[0], dtype=xy.dtype), torch.empty_like(out)
@@ -340,6 +349,8 @@ def sweep_vjp(g_alpha: Tensor, g_out: Tensor, xy: Tensor, z: Tensor, attrs: Tens
               faces: Tensor, runs: Tensor, band_off: Tensor, band_pairs: Tensor, dims: list[int],
               consts: list[float]) -> tuple[Tensor, Tensor, Tensor]:
     """Jᵀ·(g_alpha, g_out) at the forward's point: cotangents of xy (N, V, 2), z (N, V), attrs (V, C)."""
+    if _all_zero(g_alpha, g_out):
+        return torch.zeros_like(xy), torch.zeros_like(z), torch.zeros_like(attrs)
     g_alpha, g_out, xy, z, attrs, out, state, faces, runs = _contig(g_alpha, g_out, xy, z, attrs, out, state, faces,
                                                                     runs)
     parts = len(_split(band_pairs, torch.get_num_threads())) - 1
@@ -357,6 +368,59 @@ def sweep_vjp(g_alpha: Tensor, g_out: Tensor, xy: Tensor, z: Tensor, attrs: Tens
 @sweep_vjp.register_fake
 def _(g_alpha, g_out, xy, z, attrs, out, state, faces, runs, band_off, band_pairs, dims, consts):
     return torch.empty_like(xy), torch.empty_like(z), torch.empty_like(attrs)
+
+
+# ---------------------------------------------------------------- vmap rules
+# A vmap over the sweeps (the dense Jacobian's columns: torch.func.vmap over JVPs, or jacfwd) calls these with
+# the batch dimension of every batched argument given by in_dims. The kernels take one tangent set each, so
+# the general rule loops over the batch; the common case of a dense Jacobian whose parameters do not move the
+# geometry (lights, albedo, texture: only the attribute tangents are batched, the geometric ones zero) is one
+# sweep: with dxy = dz = 0 each attribute channel's tangent Σ_j ŵ_j Σ_k λ_jk da_k is independent of the other
+# channels, so the batch is laid out as B·C channels of one call.
+
+
+def _tensor_dims(args: Sequence, in_dims: Sequence) -> list[int | None]:
+    """Each argument's batch dimension, None where it is unbatched (non-tensor arguments included)."""
+    return [d if isinstance(a, Tensor) else None for a, d in zip(args, in_dims, strict=True)]
+
+
+def _loop_rule(op: Callable) -> Callable:
+    def rule(info, in_dims, *args):
+        in_dims = _tensor_dims(args, in_dims)
+        args = [a if d is None else a.movedim(d, 0) for a, d in zip(args, in_dims, strict=True)]
+        outs = [op(*(a if d is None else a[i] for a, d in zip(args, in_dims, strict=True)))
+                for i in range(info.batch_size)]
+        return tuple(torch.stack(o) for o in zip(*outs, strict=True)), (0,) * len(outs[0])
+    return rule
+
+
+def _sweep_jvp_vmap(info, in_dims, t_xy, t_z, t_attrs, xy, z, attrs, out, state, *rest):
+    args = (t_xy, t_z, t_attrs, xy, z, attrs, out, state, *rest)
+    in_dims, dims = _tensor_dims(args, in_dims), rest[-2]
+    attrs_only = in_dims[2] is not None and all(d is None for i, d in enumerate(in_dims) if i != 2)
+    if not (attrs_only and dims[4] and _all_zero(t_xy, t_z)):
+        return _loop_rule(sweep_jvp)(info, in_dims, *args)
+    # Σ_j ŵ_j Σ_k λ_jk da_k per channel, with weights that do not depend on the tangent (dlogw = 0): the
+    # attribute and blended values only enter through (F - O) dlogw, so zeros stand in for them, and only
+    # the distinct non-zero channels of the whole batch are swept (a dense Jacobian's one-hot tangents
+    # touch one channel each, often with the same per-vertex values).
+    b, (v, c) = info.batch_size, attrs.shape
+    chans = t_attrs.movedim(in_dims[2], 0).permute(1, 0, 2).reshape(v, b * c)  # (V, B·C)
+    live = chans.any(dim=0).nonzero().squeeze(1)
+    t_out = out.new_zeros(out.shape[0], b * c)
+    if live.numel():
+        distinct, inverse = torch.unique(chans.index_select(1, live), dim=1, return_inverse=True)
+        k = distinct.shape[1]
+        _, swept = sweep_jvp(t_xy, t_z, distinct.contiguous(), xy, z, attrs.new_zeros(v, k),
+                             out.new_zeros(out.shape[0], 1 + k), state, *rest)
+        t_out[:, live] = swept[:, 1:].index_select(1, inverse)
+    t_out = torch.cat([out.new_zeros(out.shape[0], b, 1), t_out.view(-1, b, c)], dim=2)  # (NP, B, 1 + C)
+    return (out.new_zeros(out.shape[0]), t_out), (None, 1)
+
+
+torch.library.register_vmap("diffrender::sweep_forward", _loop_rule(sweep_forward))
+torch.library.register_vmap("diffrender::sweep_jvp", _sweep_jvp_vmap)
+torch.library.register_vmap("diffrender::sweep_vjp", _loop_rule(sweep_vjp))
 
 
 __all__ = ["available", "band_rows_for", "covered", "find_runs", "library", "status", "sweep_forward", "sweep_jvp",
