@@ -250,6 +250,12 @@ class Linearization:
             self._gradient_norm = float(g.abs().max()) if g.numel() else 0.0
         return self._gradient_norm
 
+    def gradient_from_columns(self) -> Tensor:
+        """The gradient as ``J~^T r~`` with the explicit columns (small ``n``: no VJP once they exist)."""
+        if self._gradient is None:
+            self._gradient = self.op.columns_vjp(self.residual)
+        return self._gradient
+
     def model_decrease(self, delta: Tensor, j_delta: Tensor | None = None) -> float:
         """``m(0) - m(delta)`` of the Gauss-Newton model ``m(d) = 1/2 ||r~ + J~ d||^2``, i.e.
         ``-(g.d + 1/2 ||J~ d||^2)``: from ``j_delta = J~ delta`` when given, else from the dense ``J~^T J~``."""

@@ -57,6 +57,10 @@ def test_row_scale_and_dense_assembly(setup):
     torch.testing.assert_close(op.diag_exact(), (Js * Js).sum(0))
     v = torch.randn(x0.numel(), generator=g, dtype=D)
     torch.testing.assert_close(op.jtj(v), Js.T @ (Js @ v))
+    # the dense path's gradient: J~^T w from the columns, without going back through the function
+    w = torch.randn(J.shape[0], generator=g, dtype=D)
+    op._vjp_fn = None  # noqa: SLF001
+    torch.testing.assert_close(op.columns_vjp(w), Js.T @ w)
 
 
 def test_hutchinson_converges_to_exact_diag(setup):

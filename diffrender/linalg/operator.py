@@ -219,6 +219,11 @@ class JacobianOperator:
             self._columns = cols if self.row_scale is None else cols * self.row_scale[:, None]
         return self._columns
 
+    def columns_vjp(self, w: Tensor) -> Tensor:
+        """``J~^T w`` as a product with the explicit columns (assembled first if need be; small ``n`` only)."""
+        self.counters.vjps += 1
+        return self.columns().T @ w
+
     def dense_jtj(self) -> Tensor:
         """``J~^T J~: (n, n)`` assembled exactly from the ``n`` columns."""
         c = self.columns()
@@ -398,6 +403,15 @@ class StackedOperator:
         """The explicit ``J~: (m_local, n)``, this process's terms' columns stacked (small ``n`` only)."""
         self.counters.jvps += self.n
         return torch.cat([op.columns() for op in self.ops.values()])
+
+    def columns_vjp(self, w: Tensor) -> Tensor:
+        """``J~^T w`` from the explicit columns, summed over the terms (and processes)."""
+        if self._known_vjp is not None and w is self._known_vjp[0]:
+            return self.vjp(w)
+        self.counters.vjps += 1
+        parts = self._split(w)  # a term whose graph is not kept keeps no columns either: its plain VJP
+        return self.reduction.sum(sum(op.columns().T @ parts[name] if isinstance(op, JacobianOperator)
+                                      else op.vjp(parts[name]) for name, op in self.ops.items()))
 
     def dense_jtj(self) -> Tensor:
         self.counters.jvps += self.n

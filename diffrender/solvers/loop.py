@@ -109,9 +109,11 @@ class SecondOrderSolver(Solver):
             return None
         t = time.perf_counter()
         lin = ws.lin if ws.lin is not None else problem.linearize(state.x, ws.ctx, jvp_mode=self.jvp_mode())
-        lin.gradient  # noqa: B018 - one VJP, now, so its time counts as linearization
         if self.use_dense(lin.op.n):
             lin.dense_jtj()
+            if self.options.gradient_from_columns:
+                lin.gradient_from_columns()
+        lin.gradient  # noqa: B018 - one VJP (unless made above), now, so its time counts as linearization
         ws.timings["linearize"] += time.perf_counter() - t
         ws.lin, ws.m = lin, lin.op.m
         if state.iteration == 0:

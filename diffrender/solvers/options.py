@@ -67,6 +67,9 @@ class SecondOrderOptions(SolverOptions):
     # build the linearization at each trial point (one forward with a graph instead of a plain evaluation):
     # an accepted step then needs no second forward at its new point; a rejected one wasted a graph
     linearize_trials: bool = False
+    # on the dense path (n <= dense_threshold), the gradient J~^T r~ from the n assembled columns instead of one
+    # more VJP (a render-sized sweep back for a matrix-vector product; equal up to rounding)
+    gradient_from_columns: bool = True
 
 
 @dataclass
