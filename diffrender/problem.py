@@ -549,7 +549,7 @@ class Problem:
 
     # ------------------------------------------------------------------ linearization
     def linearize(self, x: dict[str, Tensor], ctx: Any = None, *, jvp_mode: str = "transpose",
-                  terms: Sequence[str] | None = None) -> Linearization:
+                  terms: Sequence[str] | None = None, batched_columns: bool = False) -> Linearization:
         """Build the Jacobian operator of the whitened residuals at ``x`` (tangent ``delta = 0``).
 
         ``fn(delta) = r(x (+) delta, ctx)`` is differentiated once by ``torch.func.vjp`` (reused for every
@@ -561,6 +561,8 @@ class Problem:
         ``jvp_mode`` picks how JVPs are made (see :mod:`diffrender.linalg.operator`): ``"transpose"``
         (default: fast, memory ~ one forward+backward), ``"linearize"``, or ``"jvp"`` (plain
         ``torch.func.jvp``, best for a handful of products).  A mode that failed once is not retried.
+        ``batched_columns``: a dense Jacobian's columns in one vmapped pass however few they are (else a loop
+        below ``VMAP_MIN_COLUMNS``); the same values up to rounding.
         """
         layout = self.layout(x)
         at = self.tangent_point(x)
@@ -570,7 +572,8 @@ class Problem:
         residuals, costs, gradient = [], {}, None
         for term in names:
             counters = self.counters if single else Counters()
-            op, residual, term_costs, rebuild = self._linearize_term(term, at, layout, ctx, jvp_mode, counters)
+            op, residual, term_costs, rebuild = self._linearize_term(term, at, layout, ctx, jvp_mode, counters,
+                                                                     batched_columns)
             if not self.keep_graphs:
                 g = op.vjp(residual)  # this term's share of the gradient, while its graph exists
                 gradient = g if gradient is None else gradient + g
@@ -590,7 +593,7 @@ class Problem:
 
     def _linearize_term(
         self, term: str, at: Callable[[Tensor], dict[str, Tensor]], layout: ParamLayout, ctx: Any, jvp_mode: str,
-        counters: Counters,
+        counters: Counters, batched_columns: bool = False,
     ) -> tuple[JacobianOperator, Tensor, dict[str, float], Callable[[], JacobianOperator]]:
         """The term's operator at ``x``, its whitened residual, block costs, and a function that builds the
         operator again (same forward; for terms whose graphs are not kept)."""
@@ -605,7 +608,7 @@ class Problem:
         mode = "jvp" if jvp_mode in self._failed_modes else jvp_mode
         check = [mode not in self._checked_modes]
         op = JacobianOperator(fn, layout.zeros(), counters=counters, mode=mode, check=check[0])
-        self._remember_vmap_failure(op)
+        self._remember_vmap_failure(op, batched_columns)
         if mode == "transpose":
             self._checked_modes.add(mode)
 
@@ -614,7 +617,7 @@ class Problem:
             again = JacobianOperator(fn, layout.zeros(), counters=Counters(), mode=now, check=check[0])
             check[0] = False  # the first product of a rebuilt operator checks what the first build would have
             again.on_linearize_failure = lambda err, now=now: self._remember_linearize_failure(now, err)
-            self._remember_vmap_failure(again)
+            self._remember_vmap_failure(again, batched_columns)
             return again
 
         raw = op.value
@@ -644,8 +647,10 @@ class Problem:
         op.on_linearize_failure = lambda err, mode=mode: self._remember_linearize_failure(mode, err)
         return op, residual, costs, rebuild
 
-    def _remember_vmap_failure(self, op: JacobianOperator) -> None:
+    def _remember_vmap_failure(self, op: JacobianOperator, batched_columns: bool = False) -> None:
         op.vmap_columns = self._vmap_columns
+        if batched_columns:
+            op.vmap_min_columns = 1
         op.on_vmap_failure = lambda: setattr(self, "_vmap_columns", False)
 
     def _remember_linearize_failure(self, mode: str, err: BaseException) -> None:

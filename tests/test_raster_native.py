@@ -127,6 +127,19 @@ def test_compiled_render_under_vmap_equals_one_product_per_tangent():
             got_t = torch.func.vmap(lambda v: transpose((v, x[1] * 0))[0])(u)
             got_l = torch.func.vmap(lambda v: linearized(v, x[1] * 0))(u)
         assert torch.allclose(got_t, want, rtol=0, atol=atol) and torch.allclose(got_l, want, rtol=0, atol=atol)
+    # a silhouette-only sweep takes a batch that moves the geometry in one sweep (the pairs' geometry shared)
+    sil = {b: RenderSettings(sigma=1e-3, backend=b) for b in ("torch", "native")}
+    pairs = {b: prepare(mesh.verts, mesh.faces, cam, sil[b]) for b in sil}
+
+    def alpha(b):
+        return lambda v: render(v, mesh.faces, cam, pairs[b], sil[b], outputs=("alpha",))["alpha"].flatten()
+
+    dv = torch.stack([v for v, _ in by_verts])
+    want = torch.stack([torch.func.jvp(alpha("torch"), (x[0],), (v,))[1] for v in dv])
+    a0, a_vjp = torch.func.vjp(alpha("native"), x[0])
+    _, a_transpose = torch.func.vjp(a_vjp, torch.zeros_like(a0))
+    got = torch.func.vmap(lambda v: a_transpose((v,))[0])(dv)
+    assert want.abs().max() > 0 and torch.allclose(got, want, rtol=0, atol=1e-10 * want.abs().max())
     w = torch.randn(3, y.numel(), dtype=D)
     _, vjp_t = torch.func.vjp(f_t, *x)
     got = torch.func.vmap(vjp_n)(w)

@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).resolve().parent / "regression" / "record_solver_runs.py
 # Options added or changed since the record, per solver class, set to the recorded behaviour (the new
 # defaults are tested against MGH in test_mgh.py).
 _OLD_TESTS = {"gradient_test": "max_norm", "function_test": "ceres", "exact_model_decrease": True,
-              "gradient_from_columns": False}
+              "gradient_from_columns": False, "batched_columns": False}
 LEGACY: dict[str, dict] = {"LevenbergMarquardt": _OLD_TESTS, "GaussNewton": _OLD_TESTS}
 
 

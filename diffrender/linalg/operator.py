@@ -63,7 +63,8 @@ class Counters:
 
 # Below this many columns, a loop of products is as fast as one vmapped pass, and it avoids vmap's
 # one-time cost: the first vmap over some functions (a custom autograd.Function's generated rule)
-# imports torch._dynamo, about a second per process.
+# imports torch._dynamo, about a second per process. Operators can lower it (``vmap_min_columns``) where a
+# batched product is cheaper than a loop however few the columns (the compiled sweeps' batched rules).
 VMAP_MIN_COLUMNS = 8
 
 
@@ -109,6 +110,7 @@ class JacobianOperator:
         # columns() tries one vmap-ed pass; a function without a vmap rule (e.g. a custom op) makes it fall back
         # to a loop, and the owner can set this False so that later operators skip the failing attempt
         self.vmap_columns = True
+        self.vmap_min_columns = VMAP_MIN_COLUMNS
         self.on_vmap_failure: Callable[[], None] | None = None
         self._jvp_fn: Callable[[Tensor], Tensor] | None = None
         self._columns: Tensor | None = None
@@ -206,7 +208,7 @@ class JacobianOperator:
             eye = torch.eye(self.n, dtype=self.x0.dtype, device=self.x0.device)
             cols = None
             self._prepare_jvp()
-            if self.n > VMAP_MIN_COLUMNS and self.vmap_columns:
+            if self.n > self.vmap_min_columns and self.vmap_columns:
                 try:  # one batched pass when the residual function supports vmap
                     cols = torch.func.vmap(self._raw_jvp)(eye).T
                 except Exception:  # noqa: BLE001 - not vmappable: one product per column

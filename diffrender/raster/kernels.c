@@ -816,6 +816,70 @@ int FN(dr_jvp)(const Params *p, int64_t b_lo, int64_t b_hi) {
     return 0;
 }
 
+/* J for a batch of B tangent sets at once, silhouette only (blend == 0): a dense Jacobian's columns. Each
+   pair's geometry (its nearest edge, the projection parameter and the factor σ(x)·keep·sg·(-2) of dlogit)
+   is computed once per block and shared by the B tangents, which a loop over dr_jvp would recompute B
+   times. t_xy (B, N, V, 2), t_z (B, N, V) and t_alpha (B, NP), contiguous. */
+KERNEL FN(k_geometry)(const T R_ f_, const T R_ px, const T R_ py, int cnt, T scale, T r2, T R_ a, T R_ rx,
+                      T R_ ry, T R_ tt, int32_t R_ kk) {
+    T f[ROWS];
+    for (int k = 0; k < ROWS; k++) f[k] = f_[k]; /* local copies: invariant loads the vectorizer can hoist */
+#pragma omp simd
+    for (int i = 0; i < cnt; i++) {
+        FN(Dist) d;
+        FN(distance)(f, px[i], py[i], scale, r2, &d);
+        T ax = d.x > 0 ? d.x : -d.x;
+        a[i] = FN(sigmoid)(d.x, FN(exp_neg)(-ax)) * d.keep * d.sg * -2;
+        rx[i] = d.rx, ry[i] = d.ry, tt[i] = d.t, kk[i] = d.k;
+    }
+}
+
+KERNEL FN(k_dlogit_many)(int cnt, const T R_ a, const T R_ rx, const T R_ ry, const T R_ tt, const int32_t R_ kk,
+                         const T R_ dt, T R_ dsv) {
+    T sx0 = dt[SX], sx1 = dt[SX + 1], sx2 = dt[SX + 2], sy0 = dt[SY], sy1 = dt[SY + 1], sy2 = dt[SY + 2];
+    T ex0 = dt[EX], ex1 = dt[EX + 1], ex2 = dt[EX + 2], ey0 = dt[EY], ey1 = dt[EY + 1], ey2 = dt[EY + 2];
+#pragma omp simd
+    for (int i = 0; i < cnt; i++) {
+        int k = kk[i];
+        T tsx = k == 0 ? sx0 : (k == 1 ? sx1 : sx2), tsy = k == 0 ? sy0 : (k == 1 ? sy1 : sy2);
+        T tex = k == 0 ? ex0 : (k == 1 ? ex1 : ex2), tey = k == 0 ? ey0 : (k == 1 ? ey1 : ey2);
+        dsv[i] = a[i] * (rx[i] * (tsx + tt[i] * tex) + ry[i] * (tsy + tt[i] * tey));
+    }
+}
+
+int FN(dr_jvp_many)(const Params *p, int64_t B, int64_t b_lo, int64_t b_hi) {
+    const T *state = p->state, *t_xy = p->t_xy, *t_z = p->t_z;
+    T *t_alpha = p->t_alpha;
+    int64_t NP = p->NP, npx = p->band_rows * p->W, nv = NP / (p->H * p->W) * p->V;
+    T scale = (T)p->scale, r2 = (T)p->r2, f[ROWS], dt[ROWS];
+    T *buf = malloc((size_t)(npx * B) * sizeof(T) + 1);
+    if (!buf) return -1;
+    FN(Block) blk;
+    T a[BLK], rx[BLK], ry[BLK], tt[BLK], dsv[BLK];
+    int32_t kk[BLK];
+    for (int64_t b = b_lo; b < b_hi; b++) {
+        BAND_GEOMETRY(p, b);
+        memset(buf, 0, (size_t)(bpx * B) * sizeof(T));
+        int64_t r = p->band_off[b], off = 0;
+        while (FN(next_block)(p, p->band_off[b + 1], base, &r, &off, &blk)) {
+            BLOCK_FACE(p, blk, f);
+            int cnt = blk.n;
+            FN(k_geometry)(f, blk.px, blk.py, cnt, scale, r2, a, rx, ry, tt, kk);
+            for (int64_t j = 0; j < B; j++) {
+                FN(face_row_tangent)(t_xy + 2 * nv * j, t_z + nv * j, fv, n, p->V, f, dt);
+                FN(k_dlogit_many)(cnt, a, rx, ry, tt, kk, dt, dsv);
+                FN(k_scatter_add)(buf + bpx * j, blk.lp, cnt, dsv);
+            }
+        }
+        for (int64_t i = 0; i < bpx; i++) {
+            double e = exp((double)state[base + i]);
+            for (int64_t j = 0; j < B; j++) t_alpha[NP * j + base + i] = (T)(e * buf[bpx * j + i]);
+        }
+    }
+    free(buf);
+    return 0;
+}
+
 /* Reverse-mode product Jᵀ·(g_alpha, g_out) over bands [b_lo, b_hi), accumulated into g_xy (N, V, 2), g_z
    (N, V) and g_attrs (V, C) (the caller gives each thread its own). The transpose of dr_jvp; all pixels of a
    block share one face, so their contributions are summed before they are added. */

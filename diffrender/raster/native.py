@@ -109,6 +109,9 @@ def _build() -> ctypes.CDLL:
             fn = getattr(lib, f"dr_{name}_{sfx}")
             fn.argtypes = [ctypes.POINTER(_Params), i64, i64]
             fn.restype = ctypes.c_int
+        fn = getattr(lib, f"dr_jvp_many_{sfx}")
+        fn.argtypes = [ctypes.POINTER(_Params), i64, i64, i64]
+        fn.restype = ctypes.c_int
     for name, args in (("dr_search", [p, i64, i64, p, p, p]), ("dr_compact", [p, p, p, i64, i64, p, p]),
                        ("dr_plan_ub", [p, p]), ("dr_plan_free", [p]), ("dr_cover", [p, i64, p])):
         getattr(lib, name).argtypes = args
@@ -267,9 +270,10 @@ def _params(xy: Tensor, z: Tensor, attrs: Tensor, faces: Tensor, runs: Tensor, b
     return prm
 
 
-def _sweep(kind: str, dtype: torch.dtype, band_pairs: Tensor, prms: Callable[[int], _Params]) -> int:
-    """Run ``dr_<kind>`` over all bands, split by pairs over threads; ``prms(i)`` gives thread i's params.
-    Returns the number of threads used."""
+def _sweep(kind: str, dtype: torch.dtype, band_pairs: Tensor, prms: Callable[[int], _Params],
+           *extra: int) -> int:
+    """Run ``dr_<kind>`` over all bands, split by pairs over threads; ``prms(i)`` gives thread i's params and
+    ``extra`` come before the band range. Returns the number of threads used."""
     fn = getattr(library(), f"dr_{kind}_{_suffix(dtype)}")
     bounds = _split(band_pairs, torch.get_num_threads())
     slot = {lo: i for i, lo in enumerate(bounds[:-1])}
@@ -277,7 +281,7 @@ def _sweep(kind: str, dtype: torch.dtype, band_pairs: Tensor, prms: Callable[[in
     failed = []
 
     def call(lo: int, hi: int) -> None:
-        if fn(ctypes.byref(params[slot[lo]]), lo, hi):
+        if fn(ctypes.byref(params[slot[lo]]), *extra, lo, hi):
             failed.append(lo)
 
     _run(call, bounds)
@@ -344,6 +348,25 @@ def _(t_xy, t_z, t_attrs, xy, z, attrs, out, state, faces, runs, band_off, band_
     return xy.new_empty(dims[0]), torch.empty_like(out)
 
 
+@torch.library.custom_op("diffrender::sweep_jvp_many", mutates_args=())
+def sweep_jvp_many(t_xy: Tensor, t_z: Tensor, xy: Tensor, z: Tensor, attrs: Tensor, out: Tensor, state: Tensor,
+                   faces: Tensor, runs: Tensor, band_off: Tensor, band_pairs: Tensor, dims: list[int],
+                   consts: list[float]) -> Tensor:
+    """J·(t_xy[b], t_z[b]) of a silhouette sweep (no blending) for a batch of B tangents t_xy (B, N, V, 2),
+    t_z (B, N, V) at once: α's tangents (B, NP), each pair's geometry computed once for the whole batch."""
+    t_xy, t_z, xy, z, attrs, out, state, faces, runs = _contig(t_xy, t_z, xy, z, attrs, out, state, faces, runs)
+    t_alpha = torch.empty(t_xy.shape[0], dims[0], dtype=xy.dtype)
+    _sweep("jvp_many", xy.dtype, band_pairs,
+           lambda i: _params(xy, z, attrs, faces, runs, band_off, dims, consts, out=out, state=state, t_xy=t_xy,
+                             t_z=t_z, t_alpha=t_alpha), t_xy.shape[0])
+    return t_alpha
+
+
+@sweep_jvp_many.register_fake
+def _(t_xy, t_z, xy, z, attrs, out, state, faces, runs, band_off, band_pairs, dims, consts):
+    return xy.new_empty(t_xy.shape[0], dims[0])
+
+
 @torch.library.custom_op("diffrender::sweep_vjp", mutates_args=())
 def sweep_vjp(g_alpha: Tensor, g_out: Tensor, xy: Tensor, z: Tensor, attrs: Tensor, out: Tensor, state: Tensor,
               faces: Tensor, runs: Tensor, band_off: Tensor, band_pairs: Tensor, dims: list[int],
@@ -371,12 +394,12 @@ def _(g_alpha, g_out, xy, z, attrs, out, state, faces, runs, band_off, band_pair
 
 
 # ---------------------------------------------------------------- vmap rules
-# A vmap over the sweeps (the dense Jacobian's columns: torch.func.vmap over JVPs, or jacfwd) calls these with
-# the batch dimension of every batched argument given by in_dims. The kernels take one tangent set each, so
-# the general rule loops over the batch; the common case of a dense Jacobian whose parameters do not move the
-# geometry (lights, albedo, texture: only the attribute tangents are batched, the geometric ones zero) is one
-# sweep: with dxy = dz = 0 each attribute channel's tangent Σ_j ŵ_j Σ_k λ_jk da_k is independent of the other
-# channels, so the batch is laid out as B·C channels of one call.
+# A vmap over the sweeps (a dense Jacobian's columns: torch.func.vmap over the solvers' JVP maps) calls these
+# with the batch dimension of every batched argument given by in_dims. Two batches are one sweep: a
+# silhouette's (no blending) tangents of the geometry, by dr_jvp_many, which computes each pair's geometry
+# once for the whole batch; and tangents of the attributes alone (lights, albedo, texture: the geometric
+# ones zero), where each channel's tangent Σ_j ŵ_j Σ_k λ_jk da_k is independent of the other channels, so
+# the batch's distinct channels are those of one call. Anything else loops over the batch.
 
 
 def _tensor_dims(args: Sequence, in_dims: Sequence) -> list[int | None]:
@@ -397,7 +420,14 @@ def _loop_rule(op: Callable) -> Callable:
 def _sweep_jvp_vmap(info, in_dims, t_xy, t_z, t_attrs, xy, z, attrs, out, state, *rest):
     args = (t_xy, t_z, t_attrs, xy, z, attrs, out, state, *rest)
     in_dims, dims = _tensor_dims(args, in_dims), rest[-2]
-    attrs_only = in_dims[2] is not None and all(d is None for i, d in enumerate(in_dims) if i != 2)
+    point_fixed = all(d is None for d in in_dims[3:])
+    if point_fixed and not dims[4] and attrs.shape[1] == 0:  # silhouette: one batched sweep
+        b = info.batch_size
+        t_xy, t_z = (t.expand(b, *t.shape) if d is None else t.movedim(d, 0) for t, d in ((t_xy, in_dims[0]),
+                                                                                         (t_z, in_dims[1])))
+        t_alpha = sweep_jvp_many(t_xy, t_z, xy, z, attrs, out, state, *rest)
+        return (t_alpha, out.new_zeros(b, *out.shape)), (0, 0)
+    attrs_only = in_dims[2] is not None and point_fixed and in_dims[0] is None and in_dims[1] is None
     if not (attrs_only and dims[4] and _all_zero(t_xy, t_z)):
         return _loop_rule(sweep_jvp)(info, in_dims, *args)
     # Σ_j ŵ_j Σ_k λ_jk da_k per channel, with weights that do not depend on the tangent (dlogw = 0): the

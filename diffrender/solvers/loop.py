@@ -108,7 +108,8 @@ class SecondOrderSolver(Solver):
         if ws.lin is not None and ws.lin.gradient_ready:
             return None
         t = time.perf_counter()
-        lin = ws.lin if ws.lin is not None else problem.linearize(state.x, ws.ctx, jvp_mode=self.jvp_mode())
+        lin = ws.lin if ws.lin is not None else problem.linearize(state.x, ws.ctx, jvp_mode=self.jvp_mode(),
+                                                                       batched_columns=self.options.batched_columns)
         if self.use_dense(lin.op.n):
             lin.dense_jtj()
             if self.options.gradient_from_columns:
@@ -182,7 +183,8 @@ class SecondOrderSolver(Solver):
         ctx = problem.prepare_context(x_new)
         lin = None
         if linearize:
-            lin = problem.linearize(x_new, ctx, jvp_mode=self.jvp_mode())
+            lin = problem.linearize(x_new, ctx, jvp_mode=self.jvp_mode(),
+                                    batched_columns=self.options.batched_columns)
             problem.counters.residual_evals += 1
             ev = lin.evaluation
         else:

@@ -70,6 +70,10 @@ class SecondOrderOptions(SolverOptions):
     # on the dense path (n <= dense_threshold), the gradient J~^T r~ from the n assembled columns instead of one
     # more VJP (a render-sized sweep back for a matrix-vector product; equal up to rounding)
     gradient_from_columns: bool = True
+    # the dense Jacobian's columns in one vmapped pass (when the residual function supports vmap) however few
+    # they are; the compiled sweeps then share each pair's geometry over the columns (teapot_pose's 3: 17 ->
+    # 9 ms). False: one JVP per column below 8 columns. Equal up to rounding.
+    batched_columns: bool = True
 
 
 @dataclass
