@@ -161,6 +161,22 @@ def test_subsampled_curvature_converges_to_the_full_curvature_minimum():
     assert math.isclose(sub.cost, full.cost, rel_tol=1e-10)
 
 
+def test_extended_truncated_steps_converge_to_the_same_minimum():
+    """extend_truncated: a step CG cut short (one CG iteration here) whose gain ratio is high is tried at
+    twice its length and kept only where the cost is lower: a different path to the same minimum."""
+    terms, _, x0 = _many_terms()
+    problem = Problem(terms)
+    opts = dict(linear_solver="cg", max_cg_iterations=1, max_iterations=300, function_tolerance=1e-14,
+                gradient_tolerance=1e-12)
+    plain = LevenbergMarquardt(**opts).solve(problem, x0)
+    longer = LevenbergMarquardt(extend_truncated=0.5, **opts).solve(problem, x0)
+    assert plain.converged and longer.converged
+    assert any(r.line_search_steps for r in longer.records)  # extensions were tried, and some kept:
+    assert longer.records[1].cost < plain.records[1].cost
+    torch.testing.assert_close(longer.x["x"], plain.x["x"], rtol=1e-6, atol=1e-8)
+    assert math.isclose(longer.cost, plain.cost, rel_tol=1e-10)
+
+
 def test_an_amortized_diagonal_is_reused_refreshed_and_never_negative():
     """diagonal_every=3: the Hutchinson estimate is made at the first of every 3 linearizations and reused
     in between; being a mean of squares, it is never negative."""

@@ -74,6 +74,11 @@ class SecondOrderOptions(SolverOptions):
     # they are; the compiled sweeps then share each pair's geometry over the columns (teapot_pose's 3: 17 ->
     # 9 ms). False: one JVP per column below 8 columns. Equal up to rounding.
     batched_columns: bool = True
+    # after an accepted step that CG cut short (max_cg_iterations reached) whose gain ratio rho exceeds this,
+    # try the step doubled, once, and keep it if the cost is lower there (a truncated Newton step along which
+    # the cost falls twice as fast as the Gauss-Newton model says is short of the model's reach, not beyond
+    # it; the dense path, whose steps are complete, never extends). 0: off.
+    extend_truncated: float = 0.0
 
 
 @dataclass

@@ -160,6 +160,13 @@ class TrustRegion(Search):
         if finite and (msg := loop.function_converged(state.cost, change, pred)) is not None:
             ws.message, termination = msg, "function_tolerance"
         if finite and rho > self.min_relative_decrease:
+            longer = loop.options.extend_truncated
+            if longer > 0 and termination is None and rho > longer and \
+                    step.cg_iterations >= loop.options.max_cg_iterations and not loop.use_dense(delta.numel()):
+                far = loop.evaluate_trial(problem, state, ws, 2 * delta, linearize=loop.options.linearize_trials)
+                rec.line_search_steps = 1
+                if math.isfinite(far.cost) and far.cost < trial.cost:
+                    trial, rec.step_norm, rec.cost_change = far, 2 * rec.step_norm, state.cost - far.cost
             loop.accept(state, ws, trial)
             self.policy.accepted(state, rho, step)
             rec.accepted, rec.cost, rec.block_costs = True, trial.cost, trial.block_costs
