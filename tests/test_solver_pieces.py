@@ -175,6 +175,8 @@ def test_extended_truncated_steps_converge_to_the_same_minimum():
     assert longer.records[1].cost < plain.records[1].cost
     torch.testing.assert_close(longer.x["x"], plain.x["x"], rtol=1e-6, atol=1e-8)
     assert math.isclose(longer.cost, plain.cost, rel_tol=1e-10)
+    with pytest.raises(ValueError, match="extend_truncated must be >= 0"):
+        LevenbergMarquardt(extend_truncated=-1.0)
 
 
 def test_an_amortized_diagonal_is_reused_refreshed_and_never_negative():

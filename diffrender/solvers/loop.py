@@ -80,6 +80,8 @@ class SecondOrderSolver(Solver):
             raise ValueError(f"{name}: curvature_subsample must be in (0, 1], got {o.curvature_subsample}")
         if o.hutchinson_probes < 1:
             raise ValueError(f"{name}: hutchinson_probes must be >= 1, got {o.hutchinson_probes}")
+        if not o.extend_truncated >= 0.0:
+            raise ValueError(f"{name}: extend_truncated must be >= 0 (0: off), got {o.extend_truncated}")
 
     def init_state(self, problem: Problem, state: SolverState) -> None:
         self.search.init_state(state)
