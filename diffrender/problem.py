@@ -608,7 +608,7 @@ class Problem:
         mode = "jvp" if jvp_mode in self._failed_modes else jvp_mode
         check = [mode not in self._checked_modes]
         op = JacobianOperator(fn, layout.zeros(), counters=counters, mode=mode, check=check[0])
-        self._remember_vmap_failure(op, batched_columns)
+        self._vmap_settings(op, batched_columns)
         if mode == "transpose":
             self._checked_modes.add(mode)
 
@@ -617,7 +617,7 @@ class Problem:
             again = JacobianOperator(fn, layout.zeros(), counters=Counters(), mode=now, check=check[0])
             check[0] = False  # the first product of a rebuilt operator checks what the first build would have
             again.on_linearize_failure = lambda err, now=now: self._remember_linearize_failure(now, err)
-            self._remember_vmap_failure(again, batched_columns)
+            self._vmap_settings(again, batched_columns)
             return again
 
         raw = op.value
@@ -647,7 +647,9 @@ class Problem:
         op.on_linearize_failure = lambda err, mode=mode: self._remember_linearize_failure(mode, err)
         return op, residual, costs, rebuild
 
-    def _remember_vmap_failure(self, op: JacobianOperator, batched_columns: bool = False) -> None:
+    def _vmap_settings(self, op: JacobianOperator, batched_columns: bool = False) -> None:
+        """How ``op`` makes dense columns: vmapped unless a vmap failed here before (remembered through
+        ``on_vmap_failure``), however few they are with ``batched_columns``."""
         op.vmap_columns = self._vmap_columns
         if batched_columns:
             op.vmap_min_columns = 1

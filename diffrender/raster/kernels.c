@@ -502,13 +502,23 @@ typedef struct {
     T sx[3], sy[3], ex[3], ey[3];
 } FN(Tangent);
 
-static inline T FN(dlogit)(const FN(Dist) *d, FN(Tangent) g) {
-    int k = d->k;
+static inline FN(Tangent) FN(tangent_row)(const T *dt) { /* the edge part of a table row's tangent */
+    FN(Tangent) g;
+    for (int k = 0; k < 3; k++) g.sx[k] = dt[SX + k], g.sy[k] = dt[SY + k], g.ex[k] = dt[EX + k], g.ey[k] = dt[EY + k];
+    return g;
+}
+
+/* r·(ds_k + t de_k) for nearest edge k, offset r = (rx, ry) and projection parameter t */
+static inline T FN(edge_move)(int k, T rx, T ry, T t, FN(Tangent) g) {
     T tsx = k == 0 ? g.sx[0] : (k == 1 ? g.sx[1] : g.sx[2]);
     T tsy = k == 0 ? g.sy[0] : (k == 1 ? g.sy[1] : g.sy[2]);
     T tex = k == 0 ? g.ex[0] : (k == 1 ? g.ex[1] : g.ex[2]);
     T tey = k == 0 ? g.ey[0] : (k == 1 ? g.ey[1] : g.ey[2]);
-    return d->sg * -2 * (d->rx * (tsx + d->t * tex) + d->ry * (tsy + d->t * tey));
+    return rx * (tsx + t * tex) + ry * (tsy + t * tey);
+}
+
+static inline T FN(dlogit)(const FN(Dist) *d, FN(Tangent) g) {
+    return d->sg * -2 * FN(edge_move)(d->k, d->rx, d->ry, d->t, g);
 }
 
 /* forward: sp = log(1 - D) = -softplus(x) of each pixel (0 beyond the cutoff) */
@@ -557,8 +567,7 @@ KERNEL FN(k_tangent)(const T R_ f_, const T R_ dt_, const T R_ px, const T R_ py
     for (int k = 0; k < ROWS; k++) f[k] = f_[k]; /* local copies: invariant loads the vectorizer can hoist */
     T dt[ROWS];
     for (int k = 0; k < ROWS; k++) dt[k] = dt_[k];
-    FN(Tangent) tg;
-    for (int k = 0; k < 3; k++) tg.sx[k] = dt[SX + k], tg.sy[k] = dt[SY + k], tg.ex[k] = dt[EX + k], tg.ey[k] = dt[EY + k];
+    FN(Tangent) tg = FN(tangent_row)(dt);
     if (!blend) {
 #pragma omp simd
         for (int i = 0; i < cnt; i++) {
@@ -836,15 +845,9 @@ KERNEL FN(k_geometry)(const T R_ f_, const T R_ px, const T R_ py, int cnt, T sc
 
 KERNEL FN(k_dlogit_many)(int cnt, const T R_ a, const T R_ rx, const T R_ ry, const T R_ tt, const int32_t R_ kk,
                          const T R_ dt, T R_ dsv) {
-    T sx0 = dt[SX], sx1 = dt[SX + 1], sx2 = dt[SX + 2], sy0 = dt[SY], sy1 = dt[SY + 1], sy2 = dt[SY + 2];
-    T ex0 = dt[EX], ex1 = dt[EX + 1], ex2 = dt[EX + 2], ey0 = dt[EY], ey1 = dt[EY + 1], ey2 = dt[EY + 2];
+    FN(Tangent) tg = FN(tangent_row)(dt);
 #pragma omp simd
-    for (int i = 0; i < cnt; i++) {
-        int k = kk[i];
-        T tsx = k == 0 ? sx0 : (k == 1 ? sx1 : sx2), tsy = k == 0 ? sy0 : (k == 1 ? sy1 : sy2);
-        T tex = k == 0 ? ex0 : (k == 1 ? ex1 : ex2), tey = k == 0 ? ey0 : (k == 1 ? ey1 : ey2);
-        dsv[i] = a[i] * (rx[i] * (tsx + tt[i] * tex) + ry[i] * (tsy + tt[i] * tey));
-    }
+    for (int i = 0; i < cnt; i++) dsv[i] = a[i] * FN(edge_move)(kk[i], rx[i], ry[i], tt[i], tg);
 }
 
 int FN(dr_jvp_many)(const Params *p, int64_t B, int64_t b_lo, int64_t b_hi) {

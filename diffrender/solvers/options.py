@@ -71,8 +71,8 @@ class SecondOrderOptions(SolverOptions):
     # more VJP (a render-sized sweep back for a matrix-vector product; equal up to rounding)
     gradient_from_columns: bool = True
     # the dense Jacobian's columns in one vmapped pass (when the residual function supports vmap) however few
-    # they are; the compiled sweeps then share each pair's geometry over the columns (teapot_pose's 3: 17 ->
-    # 9 ms). False: one JVP per column below 8 columns. Equal up to rounding.
+    # they are; the compiled sweeps then share each pair's geometry over the columns (teapot_pose's 3: 15 ->
+    # 9 ms, scripts/bench_dense.py). False: one JVP per column below 8 columns. Equal up to rounding.
     batched_columns: bool = True
     # after an accepted step that CG cut short (max_cg_iterations reached) whose gain ratio rho exceeds this,
     # try the step doubled, once, and keep it if the cost is lower there (a truncated Newton step along which
