@@ -148,6 +148,51 @@ def test_compiled_render_under_vmap_equals_one_product_per_tangent():
         assert torch.allclose(a, b, rtol=0, atol=1e-10 * b.abs().max())
 
 
+@pytest.mark.parametrize("cull,threads", [(False, 1), (True, 2)])
+def test_kept_linear_map_equals_the_pytorch_path(monkeypatch, cull, threads):
+    """A silhouette sweep's J kept as per-pair coefficients (built at the first product at a point, used by
+    every later one): VJPs, the "transpose" JVPs built from them and vmapped VJPs equal the PyTorch path's
+    products, with faces skipped under culling and the work split over threads; the adjoint identity holds
+    to rounding; and with the maps off nothing is kept."""
+    monkeypatch.setattr(native, "MIN_PARALLEL", 1)  # split even this small sweep over the threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    mesh = icosphere(2, dtype=D)
+    cam = camera_from_look_at(torch.tensor([(0.4, 1.2, 2.6), (-2.0, 0.8, 1.5)], dtype=D), fov_deg=55, height=30,
+                              width=34)
+    s = {b: RenderSettings(sigma=1e-3, cull_backfaces=cull, backend=b) for b in ("torch", "native")}
+    torch.manual_seed(4)
+    v0 = mesh.verts * 0.9
+    pairs = {b: prepare(v0, mesh.faces, cam, s[b]) for b in s}
+    v = v0 + 0.02 * torch.randn_like(v0)  # off the point of the pair search: under culling, rows are skipped
+
+    def alpha(b):
+        return lambda x: render(x, mesh.faces, cam, pairs[b], s[b], outputs=("alpha",))["alpha"].flatten()
+
+    y, vjp_t = torch.func.vjp(alpha("torch"), v)
+    u, w = torch.randn(3, *v.shape, dtype=D), torch.randn(3, y.numel(), dtype=D)
+    want_j = torch.stack([torch.func.jvp(alpha("torch"), (v,), (ui,))[1] for ui in u])
+    want_g = torch.stack([vjp_t(wi)[0] for wi in w])
+    native.clear_linear_cache()
+    try:
+        _, vjp_n = torch.func.vjp(alpha("native"), v)
+        got_g = torch.stack([vjp_n(wi)[0] for wi in w])  # the first builds the coefficients, the others use them
+        assert len(native._linear.entries) == 1
+        _, transpose = torch.func.vjp(vjp_n, torch.zeros_like(y))
+        got_j = torch.stack([transpose((ui,))[0] for ui in u])
+        got_vmapped = torch.func.vmap(vjp_n)(w)[0]
+        assert len(native._linear.entries) == 1  # one point, one entry
+        for got, want in ((got_g, want_g), (got_j, want_j), (got_vmapped, want_g)):
+            assert want.abs().max() > 0 and torch.allclose(got, want, rtol=0, atol=1e-10 * want.abs().max())
+        lhs, rhs = (got_j * w).sum(), (u * got_g).sum()
+        assert abs(lhs - rhs) <= 1e-12 * abs(lhs)
+        native.keep_linear_maps(False)
+        _, vjp_off = torch.func.vjp(alpha("native"), v)
+        assert torch.allclose(vjp_off(w[0])[0], want_g[0], rtol=0, atol=1e-10 * want_g[0].abs().max())
+        assert not native._linear.entries
+    finally:
+        native.keep_linear_maps(True)
+
+
 def test_compiled_gradcheck_tiny_scene():
     torch.manual_seed(0)
     mesh = icosphere(0, dtype=D)

@@ -9,8 +9,10 @@ lies outside its triangle and farther than the cutoff radius contributes exactly
 Derivatives are three autograd Functions. ``_Sweep``'s backward is ``_SweepVJP`` and its forward-mode
 rule is ``_SweepJVP``; these two are linear maps (J and Jᵀ at the sweep's point), each the other's
 transpose, so each one's backward is the other. That gives ``backward``, ``torch.func.vjp``/``jvp``/
-``linearize`` and the "transpose" JVP (the VJP of a VJP) with one pair of kernels, which recompute the
-per-pair quantities instead of saving them; ``vmap`` (a dense Jacobian's columns) comes from the custom ops'
+``linearize`` and the "transpose" JVP (the VJP of a VJP) with one pair of kernels. With blending they
+recompute the per-pair quantities at every product; a silhouette sweep's first product at a point keeps
+them as explicit per-pair coefficients instead (raster/native.py's ``_LinearCache``), and every later
+product there is one gather-scatter pass. ``vmap`` (a dense Jacobian's columns) comes from the custom ops'
 rules. Not provided: second derivatives with respect to the geometry (the linear maps treat the point they
 were built at as constant).
 """

@@ -1,5 +1,6 @@
 #ifndef DR_TYPED
-/* Compiled kernels of the soft rasterizer: pair search and the fused sweeps (forward, J, Jᵀ).
+/* Compiled kernels of the soft rasterizer: pair search, the fused sweeps (forward, J, Jᵀ) and a silhouette's J
+   kept as per-pair coefficients (dr_coef) with its products.
 
    Plain C99 without Python or torch headers, so any C compiler builds it in about a second; it is loaded
    with ctypes (raster/native.py), which also splits the work over threads by ranges of bands. Nothing
@@ -42,6 +43,9 @@ typedef struct {
     void *t_alpha, *t_out;            /*    tangents out */
     const void *g_alpha, *g_out;      /* Jᵀ: cotangents in */
     void *g_xy, *g_z, *g_attrs;       /*     accumulated into (a thread-private buffer each) */
+    const int64_t *pair_off;          /* (NB + 1): pairs before band b (dr_coef's rows) */
+    void *c_coef;                     /* dr_coef: (P, 4) coefficients out */
+    int32_t *c_idx;                   /*          (P, 3) pixel, vertex a, vertex b out */
 } Params;
 
 /* The row intervals of pixels whose centers lie within radius R of a triangle (or inside it): the
@@ -881,6 +885,63 @@ int FN(dr_jvp_many)(const Params *p, int64_t B, int64_t b_lo, int64_t b_hi) {
     }
     free(buf);
     return 0;
+}
+
+/* A silhouette's J at the forward's point as explicit per-pair coefficients (blend == 0), for fits that
+   apply J and Jᵀ many times at one point (a Gauss-Newton step's CG products): dr_jvp's dα_q = exp(s_q) Σ_j
+   σ(x_j) dx_j with dx_j = sg·(-2)·r·(ds_k + t de_k) (dlogit) is, for the nearest edge k from vertex a =
+   v_{k+1} to b = v_{k+2}, dα_q += c·((1 - t) dv_a + t dv_b) with c = exp(s_q)·σ(x)·keep·sg·(-2)·r. Row i of
+   coef (P, 4) holds c(1 - t) and c t (x, y each), row i of idx (P, 3) the pixel q and the flat indices
+   n·V + v of a and b; pair i is the i-th pair of the sweep (pair_off[b] + its place in band b). Rows of
+   faces skipped under culling are left as they are (zeros). */
+int FN(dr_coef)(const Params *p, int64_t b_lo, int64_t b_hi) {
+    const T *state = p->state;
+    T *coef = p->c_coef;
+    int32_t *idx = p->c_idx;
+    T scale = (T)p->scale, r2 = (T)p->r2, f[ROWS];
+    FN(Block) blk;
+    T a[BLK], rx[BLK], ry[BLK], tt[BLK];
+    int32_t kk[BLK];
+    for (int64_t b = b_lo; b < b_hi; b++) {
+        BAND_GEOMETRY(p, b);
+        (void)bpx;
+        int64_t r = p->band_off[b], off = 0, next = p->pair_off[b];
+        while (FN(next_block)(p, p->band_off[b + 1], base, &r, &off, &blk)) {
+            int64_t row = next;
+            next += blk.n;
+            BLOCK_FACE(p, blk, f);
+            int cnt = blk.n;
+            FN(k_geometry)(f, blk.px, blk.py, cnt, scale, r2, a, rx, ry, tt, kk);
+            for (int i = 0; i < cnt; i++, row++) {
+                int64_t q = base + blk.lp[i];
+                T c = (T)(exp((double)state[q]) * a[i]), ca = c * (1 - tt[i]), cb = c * tt[i];
+                coef[4 * row] = ca * rx[i], coef[4 * row + 1] = ca * ry[i];
+                coef[4 * row + 2] = cb * rx[i], coef[4 * row + 3] = cb * ry[i];
+                idx[3 * row] = (int32_t)q;
+                idx[3 * row + 1] = (int32_t)(n * p->V + fv[(kk[i] + 1) % 3]);
+                idx[3 * row + 2] = (int32_t)(n * p->V + fv[(kk[i] + 2) % 3]);
+            }
+        }
+    }
+    return 0;
+}
+
+/* J and Jᵀ from dr_coef's rows [lo, hi): t_alpha[q] += c·(t_a, t_b) and g_xy[a], g_xy[b] += c g_alpha[q].
+   t_xy and g_xy are (N·V, 2); rows of different bands have different pixels, so J's threads (split by
+   bands) write disjoint pixels, while Jᵀ's each get their own g_xy. */
+void FN(dr_coef_jvp)(const T *coef, const int32_t *idx, int64_t lo, int64_t hi, const T *t_xy, T *t_alpha) {
+    for (int64_t i = lo; i < hi; i++) {
+        const T *c = coef + 4 * i, *ta = t_xy + 2 * (int64_t)idx[3 * i + 1], *tb = t_xy + 2 * (int64_t)idx[3 * i + 2];
+        t_alpha[idx[3 * i]] += c[0] * ta[0] + c[1] * ta[1] + c[2] * tb[0] + c[3] * tb[1];
+    }
+}
+
+void FN(dr_coef_vjp)(const T *coef, const int32_t *idx, int64_t lo, int64_t hi, const T *g_alpha, T *g_xy) {
+    for (int64_t i = lo; i < hi; i++) {
+        const T *c = coef + 4 * i, g = g_alpha[idx[3 * i]];
+        T *ga = g_xy + 2 * (int64_t)idx[3 * i + 1], *gb = g_xy + 2 * (int64_t)idx[3 * i + 2];
+        ga[0] += c[0] * g, ga[1] += c[1] * g, gb[0] += c[2] * g, gb[1] += c[3] * g;
+    }
 }
 
 /* Reverse-mode product Jᵀ·(g_alpha, g_out) over bands [b_lo, b_hi), accumulated into g_xy (N, V, 2), g_z

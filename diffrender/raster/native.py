@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,7 +49,8 @@ class _Params(ctypes.Structure):
         [(name, ctypes.c_int64) for name in ("NP", "V", "F", "H", "W", "C", "blend", "band_rows", "cull")] + \
         [(name, ctypes.c_double) for name in ("scale", "r2", "kz")] + \
         [(name, ctypes.c_void_p) for name in ("alpha", "out", "state", "t_xy", "t_z", "t_attrs", "t_alpha", "t_out",
-                                              "g_alpha", "g_out", "g_xy", "g_z", "g_attrs")]
+                                              "g_alpha", "g_out", "g_xy", "g_z", "g_attrs", "pair_off", "c_coef",
+                                              "c_idx")]
 
 
 def _cache_dir() -> Path:
@@ -105,10 +107,14 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"dr_valid_{sfx}")
         fn.argtypes = [p, p, p, i64, i64, i64, f64, i64, p]
         fn.restype = None
-        for name in ("forward", "jvp", "vjp"):
+        for name in ("forward", "jvp", "vjp", "coef"):
             fn = getattr(lib, f"dr_{name}_{sfx}")
             fn.argtypes = [ctypes.POINTER(_Params), i64, i64]
             fn.restype = ctypes.c_int
+        for name in ("coef_jvp", "coef_vjp"):
+            fn = getattr(lib, f"dr_{name}_{sfx}")
+            fn.argtypes = [p, p, i64, i64, p, p]
+            fn.restype = None
         fn = getattr(lib, f"dr_jvp_many_{sfx}")
         fn.argtypes = [ctypes.POINTER(_Params), i64, i64, i64]
         fn.restype = ctypes.c_int
@@ -171,8 +177,10 @@ def _run(fn: Callable[[int, int], None], bounds: Sequence[int]) -> None:
         future.result()
 
 
-def _split(cumulative: Tensor, parts: int, min_total: int = MIN_PARALLEL) -> list[int]:
-    """Indices cutting ``cumulative`` (non-decreasing, starting at 0) into ``parts`` pieces of equal weight."""
+def _split(cumulative: Tensor, parts: int, min_total: int | None = None) -> list[int]:
+    """Indices cutting ``cumulative`` (non-decreasing, starting at 0) into ``parts`` pieces of equal weight
+    (one piece below ``min_total``, default ``MIN_PARALLEL``)."""
+    min_total = MIN_PARALLEL if min_total is None else min_total
     total = int(cumulative[-1])
     n = cumulative.numel() - 1
     if parts <= 1 or total < min_total:
@@ -301,6 +309,108 @@ def _all_zero(*ts: Tensor) -> bool:
     return not any(bool(t.any()) for t in ts)
 
 
+class _LinearCache:
+    """The explicit per-pair coefficients of silhouette sweeps' J (``dr_coef``), kept for the products that
+    follow at the same point: a Gauss-Newton step applies J and Jᵀ ten times and more at one point (the
+    gradient, CG's products, Hutchinson's probes), and each sweep recomputed every pair's nearest edge and
+    sigmoid; with the coefficients a product is one gather-scatter pass. Building them costs about one sweep
+    back (cow_shape, 153k pairs: 7.2 ms against 8.1 ms, a product then 0.4-0.6 ms), so the first product at a
+    point builds them, and a single backward (Adam's) costs what it did. An entry is keyed by the forward's
+    per-pixel ``state`` and holds a reference to it, so that memory cannot be reused by another point while
+    the entry lives; entries are dropped oldest first beyond ``max_entries`` or ``max_bytes``: a problem
+    with more terms than that rebuilds them per product, about the cost of the sweep it replaces."""
+
+    def __init__(self, max_entries: int = 4, max_bytes: int = 256 << 20) -> None:
+        self.enabled = os.environ.get("DIFFRENDER_KEEP_LINEAR", "1") not in ("0", "false", "off")
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.entries: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, state: Tensor, build: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor] | None:
+        """(coef (P, 4), idx (P, 3)) at the point of ``state`` (built if new), or None where it is off."""
+        if not self.enabled:
+            return None
+        key = (state.data_ptr(), tuple(state.shape), state.dtype)
+        with self.lock:
+            hit = self.entries.get(key)
+            if hit is not None:
+                self.entries.move_to_end(key)
+                return hit[1], hit[2]
+        coef, idx = build()
+        if _nbytes(coef, idx) > self.max_bytes:
+            return coef, idx
+        with self.lock:
+            self.entries[key] = (state, coef, idx)
+            total = sum(_nbytes(*e[1:]) for e in self.entries.values())
+            while len(self.entries) > self.max_entries or total > self.max_bytes:
+                total -= _nbytes(*self.entries.popitem(last=False)[1][1:])
+        return coef, idx
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+
+def _nbytes(*ts: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+_linear = _LinearCache()
+
+
+def keep_linear_maps(enabled: bool) -> None:
+    """Whether silhouette sweeps keep their per-pair coefficients for repeated products (default on; off with
+    ``DIFFRENDER_KEEP_LINEAR=0``). Off, every product sweeps: the reference the tests compare with."""
+    _linear.enabled = bool(enabled)
+    _linear.clear()
+
+
+def clear_linear_cache() -> None:
+    """Drop the kept per-pair coefficients (they are rebuilt where needed)."""
+    _linear.clear()
+
+
+def _coefficients(xy: Tensor, z: Tensor, attrs: Tensor, state: Tensor, faces: Tensor, runs: Tensor,
+                  band_off: Tensor, band_pairs: Tensor, dims: Sequence[int],
+                  consts: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """coef (P, 4) and idx (P, 3) of a silhouette sweep's J (kernels.c's dr_coef), P its number of pairs."""
+    pairs = int(band_pairs[-1])
+    coef = torch.zeros(pairs, 4, dtype=xy.dtype)
+    idx = torch.zeros(pairs, 3, dtype=torch.int32)
+    band_pairs = band_pairs.contiguous()
+    _sweep("coef", xy.dtype, band_pairs,
+           lambda i: _params(xy, z, attrs, faces, runs, band_off, dims, consts, state=state, pair_off=band_pairs,
+                             c_coef=coef, c_idx=idx))
+    return coef, idx
+
+
+def _products(kind: str, coef: Tensor, idx: Tensor, band_pairs: Tensor, src: Tensor, dst: Tensor) -> None:
+    """``dr_coef_jvp`` (dst: t_alpha (NP,)) or ``dr_coef_vjp`` (dst: g_xy (parts, N, V, 2), one per thread)
+    over the kept rows, split over threads at band boundaries."""
+    fn = getattr(library(), f"dr_{kind}_{_suffix(coef.dtype)}")
+    bounds = _split(band_pairs, torch.get_num_threads())
+    rows = band_pairs.tolist()
+    slot = {lo: i for i, lo in enumerate(bounds[:-1])}
+    src = src.contiguous()
+    per_thread = kind == "coef_vjp"
+
+    def call(lo: int, hi: int) -> None:
+        out = dst[slot[lo]] if per_thread else dst
+        fn(coef.data_ptr(), idx.data_ptr(), rows[lo], rows[hi], src.data_ptr(), out.data_ptr())
+
+    _run(call, bounds)
+
+
+def _linear_map(xy: Tensor, z: Tensor, attrs: Tensor, out: Tensor, state: Tensor, faces: Tensor, runs: Tensor,
+                band_off: Tensor, band_pairs: Tensor, dims: Sequence[int],
+                consts: Sequence[float]) -> tuple[Tensor, Tensor] | None:
+    """The kept coefficients of a silhouette sweep's J at this point (see ``_LinearCache``), or None."""
+    if dims[4] or attrs.shape[1] or max(dims[0], xy.shape[0] * xy.shape[1]) >= 2**31:  # idx is int32
+        return None
+    return _linear.get(state, lambda: _coefficients(xy, z, attrs, state, faces, runs, band_off, band_pairs, dims,
+                                                    consts))
+
+
 # The three sweeps. dims: N*H*W, F, H, W, blend (0/1), band_rows, cull (0/1); consts: scale, r2, kz (kernels.c's
 # Params).
 # xy: (N, V, 2) pixel coordinates and z: (N, V) depths of the vertices; attrs: (V, C); faces: (F, 3);
@@ -336,6 +446,11 @@ def sweep_jvp(t_xy: Tensor, t_z: Tensor, t_attrs: Tensor, xy: Tensor, z: Tensor,
         return xy.new_zeros(dims[0]), torch.zeros_like(out)
     t_xy, t_z, t_attrs, xy, z, attrs, out, state, faces, runs = _contig(t_xy, t_z, t_attrs, xy, z, attrs, out, state,
                                                                         faces, runs)
+    kept = _linear_map(xy, z, attrs, out, state, faces, runs, band_off, band_pairs, dims, consts)
+    if kept is not None:
+        t_alpha = xy.new_zeros(dims[0])
+        _products("coef_jvp", *kept, band_pairs, t_xy, t_alpha)
+        return t_alpha, torch.zeros_like(out)
     t_alpha, t_out = torch.empty(dims[0], dtype=xy.dtype), torch.empty_like(out)
     _sweep("jvp", xy.dtype, band_pairs,
            lambda i: _params(xy, z, attrs, faces, runs, band_off, dims, consts, out=out, state=state, t_xy=t_xy,
@@ -376,6 +491,12 @@ def sweep_vjp(g_alpha: Tensor, g_out: Tensor, xy: Tensor, z: Tensor, attrs: Tens
         return torch.zeros_like(xy), torch.zeros_like(z), torch.zeros_like(attrs)
     g_alpha, g_out, xy, z, attrs, out, state, faces, runs = _contig(g_alpha, g_out, xy, z, attrs, out, state, faces,
                                                                     runs)
+    kept = _linear_map(xy, z, attrs, out, state, faces, runs, band_off, band_pairs, dims, consts)
+    if kept is not None:
+        parts = len(_split(band_pairs, torch.get_num_threads())) - 1
+        g_xy = torch.zeros(parts, *xy.shape, dtype=xy.dtype)
+        _products("coef_vjp", *kept, band_pairs, g_alpha, g_xy)
+        return g_xy.sum(0) if parts > 1 else g_xy[0], torch.zeros_like(z), torch.zeros_like(attrs)
     parts = len(_split(band_pairs, torch.get_num_threads())) - 1
     g_xy = torch.zeros(parts, *xy.shape, dtype=xy.dtype)
     g_z = torch.zeros(parts, *z.shape, dtype=xy.dtype)
@@ -453,8 +574,9 @@ torch.library.register_vmap("diffrender::sweep_jvp", _sweep_jvp_vmap)
 torch.library.register_vmap("diffrender::sweep_vjp", _loop_rule(sweep_vjp))
 
 
-__all__ = ["available", "band_rows_for", "covered", "find_runs", "library", "status", "sweep_forward", "sweep_jvp",
-           "sweep_jvp_many", "sweep_vjp", "valid_faces"]
+__all__ = ["available", "band_rows_for", "clear_linear_cache", "covered", "find_runs", "keep_linear_maps", "library",
+           "status",
+           "sweep_forward", "sweep_jvp", "sweep_jvp_many", "sweep_vjp", "valid_faces"]
 
 if sys.platform == "win32":  # the build line above is for Unix compilers
     _error = "compiled kernels are built on Unix-like systems only"

@@ -76,13 +76,16 @@ def laplacian_preconditioner(topo: Topology, num_verts: int, lam: float, key: st
     al. 2021, "Large Steps in Inverse Rendering": sparse silhouette gradients get spread smoothly), scaled
     by the block's mean curvature ``mean(diag(JᵀJ) + damping)``; Jacobi on every other block.
 
-    L = D - A is the combinatorial Laplacian (symmetric PSD), so I + λL is SPD; it is factored once
-    (dense Cholesky: meshes here have a few thousand vertices at most).
+    L = D - A is the combinatorial Laplacian (symmetric PSD), so I + λL is SPD; its inverse is formed once
+    in float64 (dense, by Cholesky: meshes here have a few thousand vertices at most), so that each of the
+    many applications is one matrix product (642 vertices, 3 columns: 0.31 ms against 0.47 ms for two
+    triangular solves).
     """
     from diffrender.mesh import laplacian
 
     lap = laplacian(torch.zeros(num_verts, 3, dtype=torch.float64, device=device), topo.faces).to_dense()
-    chol = torch.linalg.cholesky(torch.eye(num_verts, dtype=torch.float64, device=device) + lam * lap).to(dtype)
+    chol = torch.linalg.cholesky(torch.eye(num_verts, dtype=torch.float64, device=device) + lam * lap)
+    inverse = torch.cholesky_inverse(chol).to(dtype)
 
     def factory(info):
         parts_d = info.layout.split(info.jtj_diag + info.damping)
@@ -95,7 +98,7 @@ def laplacian_preconditioner(topo: Topology, num_verts: int, lam: float, key: st
                 p = parts[name].reshape(-1)
                 if name == key:
                     s = d.mean().clamp_min(torch.finfo(v.dtype).tiny)
-                    z = torch.cholesky_solve(p.reshape(num_verts, -1), chol) / s
+                    z = inverse @ p.reshape(num_verts, -1) / s
                     out.append(z.reshape(-1))
                 else:
                     out.append(p / d.clamp_min(torch.finfo(v.dtype).tiny))
