@@ -575,8 +575,7 @@ torch.library.register_vmap("diffrender::sweep_vjp", _loop_rule(sweep_vjp))
 
 
 __all__ = ["available", "band_rows_for", "clear_linear_cache", "covered", "find_runs", "keep_linear_maps", "library",
-           "status",
-           "sweep_forward", "sweep_jvp", "sweep_jvp_many", "sweep_vjp", "valid_faces"]
+           "status", "sweep_forward", "sweep_jvp", "sweep_jvp_many", "sweep_vjp", "valid_faces"]
 
 if sys.platform == "win32":  # the build line above is for Unix compilers
     _error = "compiled kernels are built on Unix-like systems only"
