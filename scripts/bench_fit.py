@@ -5,6 +5,8 @@ tight one, with Adam's learning rate tuned by a sweep and the second-order solve
     python scripts/bench_fit.py                              # every scene, lm gn dogleg newton_cg + adam sweep
     python scripts/bench_fit.py --scene cow_shape --json rows.jsonl --plot bench_fit.png
     python scripts/bench_fit.py --budget-scale 0.5           # shorter runs (the tight target may be missed)
+    python scripts/bench_fit.py --scene bunny_silhouette --solver lm \
+        --variant "cg3=lm solver.max_cg_iterations=3"        # a lever side by side with the defaults
 
 Each (scene, solver, lr) runs ``scripts/fit.py`` in its own process (``logging=minimal``, one thread) for
 the scene's budget of solver seconds (``solver.max_seconds``; 4x the seconds the scene's target normally
@@ -23,6 +25,10 @@ that (the Adam lr column shows "target / tight" where they differ); the whole sw
 reported as ``adam_tuning_s``.
 LM, GN, Dogleg and Newton-CG run at their defaults (``conf/solver/*.yaml``), one configuration for all
 scenes. Shape scenes run a single σ (no coarse-to-fine, no color stage) so costs compare across solvers.
+``--variant NAME=SOLVER OVERRIDE...`` adds a run of SOLVER with those fit.py overrides (row ``SOLVER[NAME]``),
+so that a lever is measured in the same run as the defaults; in a staged variant (a σ schedule) only its
+last stage's costs count for the tight target and the lowest cost. Each row also gives the cost when it
+first reached the target (and, in ``--json``, the metrics then: chamfer distance for the shape scenes).
 Timings on a shared machine are noisy: rerun before drawing conclusions from small differences.
 """
 
@@ -72,7 +78,8 @@ def targets(scene: str, lowest_cost: float | None):
         return (lambda h: m(h, "psnr", 0.0) >= 40.0, lambda h: m(h, "psnr", 0.0) >= 50.0, "psnr")
     tight_cost = None if lowest_cost is None else lowest_cost * (1 + 1e-3)
     return (lambda h: m(h, "iou", 0.0) >= 0.98,
-            lambda h: tight_cost is not None and isinstance(h.get("cost"), float) and h["cost"] <= tight_cost,
+            lambda h: tight_cost is not None and isinstance(h.get("cost"), float) and h["cost"] <= tight_cost
+            and h.get("last_stage", True),
             "cost")
 
 
@@ -87,7 +94,11 @@ def run_fit(scene: str, solver: str, overrides: list[str], work: Path, device: s
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise SystemExit(f"bench_fit: {' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
-    return json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    last = max((h.get("stage", 0) for h in summary["history"]), default=0)
+    for h in summary["history"]:  # a σ schedule's earlier stages minimize other (blurred) costs
+        h["last_stage"] = h.get("stage", 0) == last
+    return summary
 
 
 def first(summary: dict, pred) -> tuple[float | None, int | None]:
@@ -108,8 +119,10 @@ def row(scene: str, solver: str, summary: dict, lowest: float | None, lr: float 
     target, tight, key = targets(scene, lowest)
     s_t, i_t = first(summary, target)
     s_tt, i_tt = first(summary, tight)
+    at = next((h for h in summary["history"] if target(h)), {})
     peak = summary.get("cuda_peak_mb") or summary.get("peak_rss_mb")
     return {"scene": scene, "solver": solver, "lr": lr, "seconds_to_target": s_t, "iterations_to_target": i_t,
+            "cost_at_target": at.get("cost"), "metrics_at_target": at.get("metrics"),
             "seconds_to_tight": s_tt, "iterations_to_tight": i_tt, "final_key": key,
             "final_value": final_value(summary, key), "iterations": summary["iterations"],
             "seconds": summary["timings"]["solver_s"], "final_cost": summary.get("final_cost"),
@@ -118,20 +131,22 @@ def row(scene: str, solver: str, summary: dict, lowest: float | None, lr: float 
 
 
 def bench_scene(scene: str, spec: dict, scale: float, work: Path, device: str, solvers: list[str],
-                jobs: int) -> list[dict]:
+                jobs: int, variants: list[tuple[str, str, list[str]]] = ()) -> list[dict]:
     budget = spec["budget"] * scale
     common = spec["overrides"] + [f"solver.max_seconds={budget}", "solver.max_iterations=100000"]
-    runs = [("adam", lr, common + spec.get("adam_overrides", []) + [f"solver.lr={lr}"]) for lr in spec["lrs"]]
-    runs += [(s, None, common) for s in solvers]
+    # (row label, solver, lr, overrides)
+    runs = [("adam", "adam", lr, common + spec.get("adam_overrides", []) + [f"solver.lr={lr}"]) for lr in spec["lrs"]]
+    runs += [(s, s, None, common) for s in solvers]
+    runs += [(f"{s}[{name}]", s, None, common + ov) for name, s, ov in variants]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [(s, lr, pool.submit(run_fit, scene, s, ov, work, device, f"{i}")) for i, (s, lr, ov) in
-                   enumerate(runs)]
+        futures = [(label, lr, pool.submit(run_fit, scene, s, ov, work, device, f"{i}"))
+                   for i, (label, s, lr, ov) in enumerate(runs)]
         done = [(s, lr, f.result()) for s, lr, f in futures]
     for s, lr, summary in done:
         print(f"  {scene} {s}{f' lr={lr}' if lr else ''}: final cost {summary.get('final_cost')}", file=sys.stderr,
               flush=True)
-    costs = [c for _, _, sm in done for c in (h.get("cost") for h in sm["history"])
-             if isinstance(c, float) and math.isfinite(c)]
+    costs = [h["cost"] for _, _, sm in done for h in sm["history"]
+             if h["last_stage"] and isinstance(h.get("cost"), float) and math.isfinite(h["cost"])]
     lowest = min(costs) if costs else None
     adams = [row(scene, "adam", sm, lowest, lr) for s, lr, sm in done if s == "adam"]
     best = min(adams, key=lambda r: (r["seconds_to_target"] is None, r["seconds_to_target"] or 0.0,
@@ -153,16 +168,16 @@ def fmt(v, spec=".3g") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| scene | solver | Adam lr | s to target | its | s to tight | its | final (key) | solver s "
-            "| adam_tuning_s | peak MB |")
-    lines = [head, "|---" * 11 + "|"]
+    head = ("| scene | solver | Adam lr | s to target | its | cost at target | s to tight | its | final (key) "
+            "| solver s | adam_tuning_s | peak MB |")
+    lines = [head, "|---" * 12 + "|"]
     for r in rows:
         final = f"{fmt(r['final_value'], '.4g')} ({r['final_key']})"
         lr = fmt(r["lr"]) if r.get("lr_tight") in (None, r["lr"]) else f"{fmt(r['lr'])} / {fmt(r['lr_tight'])}"
         lines.append(f"| {r['scene']} | {r['solver']} | {lr} | {fmt(r['seconds_to_target'])} | "
-                     f"{fmt(r['iterations_to_target'])} | {fmt(r['seconds_to_tight'])} | "
-                     f"{fmt(r['iterations_to_tight'])} | {final} | {fmt(r['seconds'])} | "
-                     f"{fmt(r.get('adam_tuning_s'))} | {fmt(r['peak_mb'], '.0f')} |")
+                     f"{fmt(r['iterations_to_target'])} | {fmt(r['cost_at_target'], '.4g')} | "
+                     f"{fmt(r['seconds_to_tight'])} | {fmt(r['iterations_to_tight'])} | {final} | "
+                     f"{fmt(r['seconds'])} | {fmt(r.get('adam_tuning_s'))} | {fmt(r['peak_mb'], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -223,7 +238,7 @@ def plot(rows: list[dict], path: Path, panel=(420, 300)) -> None:
         d.text((ox + 5, bottom - 10), f"{lo:.1f}", fill="black")
         for j, r in enumerate(rs):
             line = [xy(t, c) for t, c in r["curve"] if c > 0 and math.isfinite(c)]
-            col = COLORS.get(r["solver"], (0, 0, 0))
+            col = COLORS.get(r["solver"].split("[")[0], (0, 0, 0))
             if len(line) > 1:
                 d.line(line, fill=col, width=2)
             label = r["solver"] + (f" (lr {r['lr']:g})" if r["lr"] else "")
@@ -242,14 +257,24 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="fits run at once (each on one thread)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per fit (1: steadier timings)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=SOLVER OVERRIDE...",
+                    help="also run SOLVER with these fit.py overrides, row SOLVER[NAME] (repeatable)")
     args = ap.parse_args()
+    variants = []
+    for v in args.variant:
+        name, _, rest = v.partition("=")
+        words = rest.split()
+        if not name or not words or words[0] not in ("adam", *SECOND_ORDER):
+            ap.error(f"--variant {v!r}: expected NAME=SOLVER OVERRIDE..., SOLVER one of adam, "
+                     f"{', '.join(SECOND_ORDER)}")
+        variants.append((name, words[0], words[1:]))
     global THREADS
     THREADS = str(args.threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_fit_") as tmp:
         for scene in args.scene or list(SCENES):
             rows += bench_scene(scene, SCENES[scene], args.budget_scale, Path(tmp), args.device,
-                                args.solver or list(SECOND_ORDER), args.jobs)
+                                args.solver or list(SECOND_ORDER), args.jobs, variants)
     print(table(rows))
     print("\n".join(speedups(rows)))
     plot(rows, args.plot)

@@ -401,9 +401,8 @@ def _products(kind: str, coef: Tensor, idx: Tensor, band_pairs: Tensor, src: Ten
     _run(call, bounds)
 
 
-def _linear_map(xy: Tensor, z: Tensor, attrs: Tensor, out: Tensor, state: Tensor, faces: Tensor, runs: Tensor,
-                band_off: Tensor, band_pairs: Tensor, dims: Sequence[int],
-                consts: Sequence[float]) -> tuple[Tensor, Tensor] | None:
+def _linear_map(xy: Tensor, z: Tensor, attrs: Tensor, state: Tensor, faces: Tensor, runs: Tensor, band_off: Tensor,
+                band_pairs: Tensor, dims: Sequence[int], consts: Sequence[float]) -> tuple[Tensor, Tensor] | None:
     """The kept coefficients of a silhouette sweep's J at this point (see ``_LinearCache``), or None."""
     if dims[4] or attrs.shape[1] or max(dims[0], xy.shape[0] * xy.shape[1]) >= 2**31:  # idx is int32
         return None
@@ -446,7 +445,7 @@ def sweep_jvp(t_xy: Tensor, t_z: Tensor, t_attrs: Tensor, xy: Tensor, z: Tensor,
         return xy.new_zeros(dims[0]), torch.zeros_like(out)
     t_xy, t_z, t_attrs, xy, z, attrs, out, state, faces, runs = _contig(t_xy, t_z, t_attrs, xy, z, attrs, out, state,
                                                                         faces, runs)
-    kept = _linear_map(xy, z, attrs, out, state, faces, runs, band_off, band_pairs, dims, consts)
+    kept = _linear_map(xy, z, attrs, state, faces, runs, band_off, band_pairs, dims, consts)
     if kept is not None:
         t_alpha = xy.new_zeros(dims[0])
         _products("coef_jvp", *kept, band_pairs, t_xy, t_alpha)
@@ -491,19 +490,17 @@ def sweep_vjp(g_alpha: Tensor, g_out: Tensor, xy: Tensor, z: Tensor, attrs: Tens
         return torch.zeros_like(xy), torch.zeros_like(z), torch.zeros_like(attrs)
     g_alpha, g_out, xy, z, attrs, out, state, faces, runs = _contig(g_alpha, g_out, xy, z, attrs, out, state, faces,
                                                                     runs)
-    kept = _linear_map(xy, z, attrs, out, state, faces, runs, band_off, band_pairs, dims, consts)
-    if kept is not None:
-        parts = len(_split(band_pairs, torch.get_num_threads())) - 1
-        g_xy = torch.zeros(parts, *xy.shape, dtype=xy.dtype)
-        _products("coef_vjp", *kept, band_pairs, g_alpha, g_xy)
-        return g_xy.sum(0) if parts > 1 else g_xy[0], torch.zeros_like(z), torch.zeros_like(attrs)
     parts = len(_split(band_pairs, torch.get_num_threads())) - 1
     g_xy = torch.zeros(parts, *xy.shape, dtype=xy.dtype)
     g_z = torch.zeros(parts, *z.shape, dtype=xy.dtype)
     g_attrs = torch.zeros(parts, *attrs.shape, dtype=xy.dtype)
-    _sweep("vjp", xy.dtype, band_pairs,
-           lambda i: _params(xy, z, attrs, faces, runs, band_off, dims, consts, out=out, state=state, g_alpha=g_alpha,
-                             g_out=g_out, g_xy=g_xy[i], g_z=g_z[i], g_attrs=g_attrs[i]))
+    kept = _linear_map(xy, z, attrs, state, faces, runs, band_off, band_pairs, dims, consts)
+    if kept is not None:  # a silhouette's: the depths and attributes get nothing, as from the sweep
+        _products("coef_vjp", *kept, band_pairs, g_alpha, g_xy)
+    else:
+        _sweep("vjp", xy.dtype, band_pairs,
+               lambda i: _params(xy, z, attrs, faces, runs, band_off, dims, consts, out=out, state=state,
+                                 g_alpha=g_alpha, g_out=g_out, g_xy=g_xy[i], g_z=g_z[i], g_attrs=g_attrs[i]))
     if parts == 1:
         return g_xy[0], g_z[0], g_attrs[0]
     return g_xy.sum(0), g_z.sum(0), g_attrs.sum(0)
