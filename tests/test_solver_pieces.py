@@ -195,3 +195,30 @@ def test_an_amortized_diagonal_is_reused_refreshed_and_never_negative():
     assert res.iterations == 7 and all(r.accepted for r in res.records)
     assert all(bool((d >= 0).all()) for d in seen)
     assert seen[1] is seen[0] and seen[2] is seen[0] and seen[3] is not seen[0] and seen[4] is seen[3]
+
+
+def test_a_rejected_step_raises_the_damping_to_the_curvature_along_it():
+    """After a run of accepted steps lambda sits near its floor (1e-16), where Nielsen's doubling needs ~10
+    rejections before the step changes. The curvature floor raises lambda at once to ||J~ d||^2 / ||D d||^2
+    of the rejected step d, so LM started at lambda = 1e-16 is rejected a few times, not tens, and lands on
+    the same minimum. Policy: lambda <- max(lambda nu, that curvature)."""
+    from diffrender.solvers.search import NielsenDamping
+
+    policy, state = NielsenDamping(initial_damping=1e-16), SolverState(x={}, cost=1.0)
+    policy.init(state)
+    policy.rejected(state, Step(None, 0.0, curvature=0.25))
+    assert state.damping == 0.25 and state.nu == 4.0
+    policy.rejected(state, Step(None, 0.0, curvature=0.25))  # above the floor: Nielsen's factor
+    assert state.damping == 1.0
+    policy.rejected(state, Step(None, 0.0))  # curvature unknown (nan): Nielsen's factor alone
+    assert state.damping == 8.0
+
+    for number in (5, 15, 19):  # Beale, Kowalik-Osborne, Osborne 2
+        p = PROBLEMS[number - 1]
+        problem = Problem(lambda x, ctx, p=p: p.residual(x["x"]))
+        runs = {floor: LevenbergMarquardt(linear_solver="dense", initial_damping=1e-16, max_iterations=200,
+                                          rejection_curvature_floor=floor).solve(problem, {"x": p.start()})
+                for floor in (True, False)}
+        rejected = {floor: sum(not r.accepted for r in res.records) for floor, res in runs.items()}
+        assert rejected[True] <= 2 < 8 <= rejected[False], (p.name, rejected)
+        assert math.isclose(runs[True].cost, runs[False].cost, rel_tol=1e-6, abs_tol=1e-20), p.name

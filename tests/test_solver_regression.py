@@ -23,7 +23,8 @@ SCRIPT = Path(__file__).resolve().parent / "regression" / "record_solver_runs.py
 # defaults are tested against MGH in test_mgh.py).
 _OLD_TESTS = {"gradient_test": "max_norm", "function_test": "ceres", "exact_model_decrease": True,
               "gradient_from_columns": False, "batched_columns": False}
-LEGACY: dict[str, dict] = {"LevenbergMarquardt": _OLD_TESTS, "GaussNewton": _OLD_TESTS}
+LEGACY: dict[str, dict] = {"LevenbergMarquardt": {**_OLD_TESTS, "rejection_curvature_floor": False},
+                           "GaussNewton": _OLD_TESTS}
 
 
 def test_replay_matches_the_recorded_runs():

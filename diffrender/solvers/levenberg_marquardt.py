@@ -26,7 +26,8 @@ class LevenbergMarquardt(SecondOrderSolver):
 
     def make_search(self) -> TrustRegion:
         o = self.options
-        return TrustRegion(NielsenDamping(o.initial_damping, o.min_damping, o.max_damping), o.min_relative_decrease)
+        return TrustRegion(NielsenDamping(o.initial_damping, o.min_damping, o.max_damping,
+                                          o.rejection_curvature_floor), o.min_relative_decrease)
 
     def make_descent(self) -> DampedGaussNewton:
         o = self.options

@@ -101,6 +101,10 @@ class LevenbergMarquardtOptions(SecondOrderOptions):
     # one more residual evaluation at x + h v and one more linear solve, used when it is less than this
     # fraction of the step (2 |D a| / |D v| <= alpha; Transtrum & Sethna's 0.75). 0: off
     geodesic_acceleration: float = 0.0
+    # on a rejected step, raise lambda to at least the model's curvature along it, ||J~ delta||^2 / ||D delta||^2,
+    # which halves the next step along that direction; Nielsen's doubling alone needs ~10 rejections to climb
+    # from a lambda of 1e-16 (where a run of accepted steps leaves it) to where the step changes
+    rejection_curvature_floor: bool = True
 
 
 @dataclass

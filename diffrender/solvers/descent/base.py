@@ -31,13 +31,15 @@ class Region:
 class Step:
     """A proposed step ``delta: (n,)`` (``None``: the descent failed, e.g. a non-finite solve), the decrease
     its model predicts (``> 0`` for a valid step), the step's length in the trust-region norm, CG
-    iterations, and whether it ended on the trust-region boundary."""
+    iterations, whether it ended on the trust-region boundary, and the model's curvature along it in that
+    norm, ``||J~ delta||^2 / ||D delta||^2`` (nan where the descent does not know it)."""
 
     delta: Tensor | None
     predicted: float
     norm: float = float("nan")
     cg_iterations: int = 0
     on_boundary: bool = False
+    curvature: float = float("nan")
 
     @property
     def valid(self) -> bool:

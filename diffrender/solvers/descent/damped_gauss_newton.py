@@ -107,7 +107,10 @@ class DampedGaussNewton(Descent):
                 pred = lin.model_decrease(delta, lin.op.jvp(delta))
         norm = float(torch.linalg.vector_norm(delta * self.scaling(loop, state, ws).sqrt())) \
             if self.scaling is not None and region.damping > 0 else float(torch.linalg.vector_norm(delta))
-        return Step(delta, pred, norm=norm, cg_iterations=iterations)
+        # the model's decrease is -g.delta - |J~ delta|^2 / 2, so its curvature along the step costs one dot
+        jd2 = -2.0 * (float(g @ delta) + pred)
+        curvature = jd2 / norm ** 2 if norm > 0 and jd2 >= 0 else float("nan")
+        return Step(delta, pred, norm=norm, cg_iterations=iterations, curvature=curvature)
 
     def _acceleration(self, problem: Problem, state: SolverState, ws: Workspace, v: Tensor,
                       solve: Callable[[Tensor], tuple[Tensor, LinearSolve]], d: Tensor) -> tuple[Tensor, int] | None:

@@ -11,7 +11,8 @@ Policies:
 
 * :class:`NielsenDamping` keeps a damping ``lambda`` (the radius is ``1/lambda``): Nielsen (1999), as
   Ceres' Levenberg-Marquardt strategy: on accept ``lambda <- lambda max(1/3, 1 - (2 rho - 1)^3)``,
-  ``nu = 2``; on reject ``lambda <- lambda nu``, ``nu <- 2 nu``.
+  ``nu = 2``; on reject ``lambda <- max(lambda nu, c)``, ``nu <- 2 nu``, where ``c`` is the model's
+  curvature along the rejected step (``curvature_floor``; Nielsen and Ceres: ``c = 0``).
 * :class:`ClassicalRadius` keeps a radius ``Delta`` (the damping is ``1/Delta``): on ``rho < 1/4``
   shrink to a fraction of the step's length, on ``rho > 3/4`` grow to ``max(Delta, 3 ||step||)``
   (Ceres' dogleg strategy; Nocedal & Wright, Algorithm 4.1).
@@ -63,8 +64,10 @@ class RegionPolicy:
 class NielsenDamping(RegionPolicy):
     """Nielsen's damping update in ``lambda`` form (Ceres' LM strategy: ``lambda = 1 / mu``)."""
 
-    def __init__(self, initial_damping: float = 1e-4, min_damping: float = 1e-16, max_damping: float = 1e32):
+    def __init__(self, initial_damping: float = 1e-4, min_damping: float = 1e-16, max_damping: float = 1e32,
+                 curvature_floor: bool = True):
         self.initial_damping, self.min_damping, self.max_damping = initial_damping, min_damping, max_damping
+        self.curvature_floor = curvature_floor
 
     def init(self, state: SolverState) -> None:
         state.damping = self.initial_damping
@@ -79,7 +82,12 @@ class NielsenDamping(RegionPolicy):
         state.nu = 2.0
 
     def rejected(self, state: SolverState, step: Step) -> str | None:
-        state.damping *= state.nu
+        # A damping far below the model's curvature along the rejected step leaves the next step the same
+        # (a truncated CG step does not see it at all), and Nielsen's doubling takes many rejections to
+        # climb from 1e-16; at least that curvature halves the step along its own direction (Moré 1978
+        # shrinks the radius to at most half the rejected step's length for the same reason).
+        floor = step.curvature if self.curvature_floor and math.isfinite(step.curvature) else 0.0
+        state.damping = max(state.damping * state.nu, floor)
         state.nu *= 2.0
         if state.damping > self.max_damping:
             return f"lambda = {state.damping:.3e} > max_damping = {self.max_damping:.1e}"
