@@ -161,22 +161,31 @@ def test_subsampled_curvature_converges_to_the_full_curvature_minimum():
     assert math.isclose(sub.cost, full.cost, rel_tol=1e-10)
 
 
-def test_extended_truncated_steps_converge_to_the_same_minimum():
+@pytest.mark.parametrize("max_extensions", [1, 3])
+def test_extended_truncated_steps_converge_to_the_same_minimum(max_extensions):
     """extend_truncated: a step CG cut short (one CG iteration here) whose gain ratio is high is tried at
-    twice its length and kept only where the cost is lower: a different path to the same minimum."""
+    twice its length (and again doubled, up to max_extensions trials, while the cost keeps falling) and the
+    lowest kept: a different path to the same minimum."""
     terms, _, x0 = _many_terms()
     problem = Problem(terms)
     opts = dict(linear_solver="cg", max_cg_iterations=1, max_iterations=300, function_tolerance=1e-14,
                 gradient_tolerance=1e-12)
     plain = LevenbergMarquardt(**opts).solve(problem, x0)
-    longer = LevenbergMarquardt(extend_truncated=0.5, **opts).solve(problem, x0)
+    longer = LevenbergMarquardt(extend_truncated=0.5, max_extensions=max_extensions, **opts).solve(problem, x0)
     assert plain.converged and longer.converged
-    assert any(r.line_search_steps for r in longer.records)  # extensions were tried, and some kept:
+    tried = [r.line_search_steps for r in longer.records]
+    # extensions were tried (more than one in a row where allowed), never more than allowed, and some kept:
+    assert max(tried) == min(max_extensions, 2) and all(t <= max_extensions for t in tried)
     assert longer.records[1].cost < plain.records[1].cost
+    # a kept extension is 2^k times the step and lower in cost than every shorter trial along it
+    first = longer.records[1]
+    assert first.step_norm > plain.records[1].step_norm * 1.5
     torch.testing.assert_close(longer.x["x"], plain.x["x"], rtol=1e-6, atol=1e-8)
     assert math.isclose(longer.cost, plain.cost, rel_tol=1e-10)
     with pytest.raises(ValueError, match="extend_truncated must be >= 0"):
         LevenbergMarquardt(extend_truncated=-1.0)
+    with pytest.raises(ValueError, match="max_extensions must be >= 1"):
+        LevenbergMarquardt(max_extensions=0)
 
 
 def test_an_amortized_diagonal_is_reused_refreshed_and_never_negative():

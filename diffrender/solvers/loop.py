@@ -82,6 +82,8 @@ class SecondOrderSolver(Solver):
             raise ValueError(f"{name}: hutchinson_probes must be >= 1, got {o.hutchinson_probes}")
         if not o.extend_truncated >= 0.0:
             raise ValueError(f"{name}: extend_truncated must be >= 0 (0: off), got {o.extend_truncated}")
+        if o.max_extensions < 1:
+            raise ValueError(f"{name}: max_extensions must be >= 1, got {o.max_extensions}")
 
     def init_state(self, problem: Problem, state: SolverState) -> None:
         self.search.init_state(state)

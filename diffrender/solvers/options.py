@@ -75,10 +75,12 @@ class SecondOrderOptions(SolverOptions):
     # 9 ms, scripts/bench_dense.py). False: one JVP per column below 8 columns. Equal up to rounding.
     batched_columns: bool = True
     # after an accepted step that CG cut short (max_cg_iterations reached) whose gain ratio rho exceeds this,
-    # try the step doubled, once, and keep it if the cost is lower there (a truncated Newton step along which
-    # the cost falls twice as fast as the Gauss-Newton model says is short of the model's reach, not beyond
-    # it; the dense path, whose steps are complete, never extends). 0: off.
+    # try the step doubled, and doubled again up to max_extensions times while the cost keeps falling, keeping
+    # the lowest (a truncated Newton step along which the cost falls twice as fast as the Gauss-Newton model
+    # says is short of the model's reach, not beyond it; the dense path, whose steps are complete, never
+    # extends). 0: off.
     extend_truncated: float = 0.0
+    max_extensions: int = 1
 
 
 @dataclass

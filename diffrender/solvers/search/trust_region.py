@@ -34,8 +34,10 @@ from diffrender.solvers.records import IterationRecord, SolverState
 from diffrender.solvers.search.base import Search
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from diffrender.solvers.base import Workspace
-    from diffrender.solvers.loop import SecondOrderSolver
+    from diffrender.solvers.loop import SecondOrderSolver, Trial
 
 __all__ = ["TrustRegion", "RegionPolicy", "NielsenDamping", "ClassicalRadius"]
 
@@ -168,13 +170,10 @@ class TrustRegion(Search):
         if finite and (msg := loop.function_converged(state.cost, change, pred)) is not None:
             ws.message, termination = msg, "function_tolerance"
         if finite and rho > self.min_relative_decrease:
-            longer = loop.options.extend_truncated
-            if longer > 0 and termination is None and rho > longer and \
-                    step.cg_iterations >= loop.options.max_cg_iterations and not loop.use_dense(delta.numel()):
-                far = loop.evaluate_trial(problem, state, ws, 2 * delta, linearize=loop.options.linearize_trials)
-                rec.line_search_steps = 1
-                if math.isfinite(far.cost) and far.cost < trial.cost:
-                    trial, rec.step_norm, rec.cost_change = far, 2 * rec.step_norm, state.cost - far.cost
+            o = loop.options
+            if o.extend_truncated > 0 and termination is None and rho > o.extend_truncated and \
+                    step.cg_iterations >= o.max_cg_iterations and not loop.use_dense(delta.numel()):
+                trial = self._extend(loop, problem, state, ws, delta, trial, rec)
             loop.accept(state, ws, trial)
             self.policy.accepted(state, rho, step)
             rec.accepted, rec.cost, rec.block_costs = True, trial.cost, trial.block_costs
@@ -182,6 +181,21 @@ class TrustRegion(Search):
         if tiny is not None and termination is None:
             ws.message, termination = tiny, "parameter_tolerance"
         return rec, termination or self._reject(state, ws, step)
+
+    @staticmethod
+    def _extend(loop: SecondOrderSolver, problem: Problem, state: SolverState, ws: Workspace, delta: Tensor,
+                trial: Trial, rec: IterationRecord) -> Trial:
+        """Forward tracking along an accepted truncated step: ``2 delta``, ``4 delta``, ... (at most
+        ``max_extensions`` trials) while the cost keeps falling; the lowest trial, noted in ``rec``."""
+        factor, norm = 1, rec.step_norm
+        for _ in range(loop.options.max_extensions):
+            far = loop.evaluate_trial(problem, state, ws, 2 * factor * delta, linearize=loop.options.linearize_trials)
+            rec.line_search_steps += 1
+            if not (math.isfinite(far.cost) and far.cost < trial.cost):
+                break
+            trial, factor = far, 2 * factor
+        rec.step_norm, rec.cost_change = factor * norm, state.cost - trial.cost
+        return trial
 
     def _reject(self, state: SolverState, ws: Workspace, step: Step) -> str | None:
         msg = self.policy.rejected(state, step)
