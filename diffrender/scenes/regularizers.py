@@ -78,8 +78,7 @@ def laplacian_preconditioner(topo: Topology, num_verts: int, lam: float, key: st
 
     L = D - A is the combinatorial Laplacian (symmetric PSD), so I + λL is SPD; its inverse is formed once
     in float64 (dense, by Cholesky: meshes here have a few thousand vertices at most), so that each of the
-    many applications is one matrix product (642 vertices, 3 columns: 0.31 ms against 0.47 ms for two
-    triangular solves).
+    many applications (every CG iteration) is one matrix product instead of two triangular solves.
     """
     from diffrender.mesh import laplacian
 
