@@ -188,6 +188,27 @@ def test_extended_truncated_steps_converge_to_the_same_minimum(max_extensions):
         LevenbergMarquardt(max_extensions=0)
 
 
+def _diagonal_linear(**options):
+    """r = W x - b with diagonal W: the cost is exactly quadratic along any ray. LM damps with lambda diag(W^2),
+    so its first step (one CG iteration, exact here) is the Newton step shrunk by 1/(1 + lambda), and with
+    lambda = 0.75 the line minimum sits at t* = 1.75. Returns the one-iteration result and x*."""
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=D)
+    b = torch.tensor([0.5, -1.0, 2.0], dtype=D)
+    problem = Problem(lambda x, ctx: w * x["x"] - b)
+    solver = LevenbergMarquardt(linear_solver="cg", max_cg_iterations=1, initial_damping=0.75, extend_truncated=0.5,
+                                max_extensions=3, max_iterations=1, **options)
+    return solver.solve(problem, {"x": torch.zeros(3, dtype=D)}), b / w
+
+
+def test_the_result_is_the_accepted_point_after_a_failed_extension():
+    """Doubling keeps t = 2 and then tries t = 4, which fails. The solve must return the point it accepted,
+    not the last trial it evaluated."""
+    result, x_star = _diagonal_linear()
+    assert result.records[1].line_search_steps == 2
+    torch.testing.assert_close(result.x["x"], 2 / 1.75 * x_star, rtol=1e-12, atol=1e-12)
+    assert result.cost == result.records[-1].cost < result.records[0].cost
+
+
 def test_an_amortized_diagonal_is_reused_refreshed_and_never_negative():
     """diagonal_every=3: the Hutchinson estimate is made at the first of every 3 linearizations and reused
     in between; being a mean of squares, it is never negative."""

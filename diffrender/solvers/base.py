@@ -35,8 +35,8 @@ class Workspace:
     """Per-solve scratch that is *not* part of the state (rebuilt deterministically on resume).
 
     ``ctx``: the prepared context at ``state.x``; ``lin``: the linearization there (``None`` until built,
-    and again after every accepted step); ``evaluated``: the last trial ``(x, cost)``, for best-point
-    tracking; ``message``: the termination message a hook left; ``m``: residual count once known.
+    and again after every accepted step); ``evaluated``: the iteration's lowest trial ``(x, cost)``, for
+    best-point tracking; ``message``: the termination message a hook left; ``m``: residual count once known.
     """
 
     ctx: Any = None

@@ -194,7 +194,9 @@ class SecondOrderSolver(Solver):
         else:
             ev = problem.evaluate(x_new, ctx)
         ws.timings["linearize" if linearize else "evaluate"] += time.perf_counter() - t
-        ws.evaluated = (x_new, ev.cost)
+        # the lowest trial of the iteration (not the last: forward tracking ends on a higher one)
+        if ws.evaluated is None or ev.cost < ws.evaluated[1] or not math.isfinite(ws.evaluated[1]):
+            ws.evaluated = (x_new, ev.cost)
         return Trial(x_new, ctx, ev.cost, ev.block_costs, lin)
 
     def accept(self, state: SolverState, ws: Workspace, trial: Trial) -> None:
