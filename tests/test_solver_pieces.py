@@ -209,6 +209,19 @@ def test_the_result_is_the_accepted_point_after_a_failed_extension():
     assert result.cost == result.records[-1].cost < result.records[0].cost
 
 
+def test_quadratic_extension_lands_on_the_line_minimum_of_a_quadratic_cost():
+    """extension_rule="quadratic" fits f(0), f'(0) and f(t) with a parabola. On a cost that is exactly
+    quadratic along the ray, the first extension lands on x* (t* = 1.75, within [1.5, 2]). It then stops,
+    because the next fit puts the minimum short of 1.25 t. Doubling pays a second, failing trial."""
+    quad, x_star = _diagonal_linear(extension_rule="quadratic")
+    double, _ = _diagonal_linear()
+    torch.testing.assert_close(quad.x["x"], x_star, rtol=1e-12, atol=1e-12)
+    assert quad.records[1].line_search_steps == 1 and quad.cost < 1e-20
+    assert math.isclose(quad.records[1].step_norm / double.records[1].step_norm, 1.75 / 2, rel_tol=1e-12)
+    with pytest.raises(ValueError, match="extension_rule must be one of"):
+        LevenbergMarquardt(extension_rule="cubic")
+
+
 def test_an_amortized_diagonal_is_reused_refreshed_and_never_negative():
     """diagonal_every=3: the Hutchinson estimate is made at the first of every 3 linearizations and reused
     in between; being a mean of squares, it is never negative."""

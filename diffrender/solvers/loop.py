@@ -69,7 +69,8 @@ class SecondOrderSolver(Solver):
         o = self.options
         name = type(self).__name__
         choices = {"linear_solver": ("auto", "dense", "cg"), "jvp_mode": ("auto", "transpose", "linearize", "jvp"),
-                   "gradient_test": ("max_norm", "relative", "cosine"), "function_test": ("ceres", "minpack")}
+                   "gradient_test": ("max_norm", "relative", "cosine"), "function_test": ("ceres", "minpack"),
+                   "extension_rule": ("doubling", "quadratic")}
         for key, allowed in choices.items():
             if getattr(o, key) not in allowed:
                 raise ValueError(f"{name}: {key} must be one of {', '.join(map(repr, allowed))}, "

@@ -81,6 +81,10 @@ class SecondOrderOptions(SolverOptions):
     # extends). 0: off.
     extend_truncated: float = 0.0
     max_extensions: int = 1
+    # how the next extension's length is chosen: "doubling" (2t after t), or "quadratic": the minimizer of
+    # the quadratic through the cost and its slope at 0 and the cost at t, kept within [1.5t, 2t], and no
+    # further trial where that minimizer lies short of 1.25t (the trial that would fail is not paid for)
+    extension_rule: str = "doubling"
 
 
 @dataclass

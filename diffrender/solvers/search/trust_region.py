@@ -185,15 +185,30 @@ class TrustRegion(Search):
     @staticmethod
     def _extend(loop: SecondOrderSolver, problem: Problem, state: SolverState, ws: Workspace, delta: Tensor,
                 trial: Trial, rec: IterationRecord) -> Trial:
-        """Forward tracking along an accepted truncated step: ``2 delta``, ``4 delta``, ... (at most
-        ``max_extensions`` trials) while the cost keeps falling; the lowest trial, noted in ``rec``."""
-        factor, norm = 1, rec.step_norm
-        for _ in range(loop.options.max_extensions):
-            far = loop.evaluate_trial(problem, state, ws, 2 * factor * delta, linearize=loop.options.linearize_trials)
+        """Forward tracking along an accepted truncated step ``t delta``, ``t = 2, 4, ...`` (at most
+        ``max_extensions`` trials) while the cost keeps falling; the lowest trial, noted in ``rec``.
+
+        ``extension_rule="quadratic"`` picks each next ``t`` by safeguarded extrapolation (Nocedal & Wright,
+        sec. 3.5): the minimizer of the quadratic through ``f(0)``, ``f'(0) = g.delta`` and ``f(t)``,
+        clamped to ``[1.5 t, 2 t]``, and stops where it lies short of ``1.25 t``."""
+        assert ws.lin is not None
+        o = loop.options
+        factor, norm = 1.0, rec.step_norm
+        slope = float(ws.lin.gradient @ delta)
+        for _ in range(o.max_extensions):
+            t = 2.0 * factor
+            if o.extension_rule == "quadratic":
+                curvature = (trial.cost - state.cost - slope * factor) / factor ** 2
+                if curvature > 0:
+                    t_min = -slope / (2.0 * curvature)
+                    if t_min < 1.25 * factor:
+                        break
+                    t = min(max(t_min, 1.5 * factor), t)
+            far = loop.evaluate_trial(problem, state, ws, t * delta, linearize=o.linearize_trials)
             rec.line_search_steps += 1
             if not (math.isfinite(far.cost) and far.cost < trial.cost):
                 break
-            trial, factor = far, 2 * factor
+            trial, factor = far, t
         rec.step_norm, rec.cost_change = factor * norm, state.cost - trial.cost
         return trial
 
