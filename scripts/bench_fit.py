@@ -28,7 +28,8 @@ scenes. Shape scenes run a single σ (no coarse-to-fine, no color stage) so cost
 ``--variant NAME=SOLVER OVERRIDE...`` adds a run of SOLVER with those fit.py overrides (row ``SOLVER[NAME]``),
 so that a lever is measured in the same run as the defaults; in a staged variant (a σ schedule) only its
 last stage's costs count for the tight target and the lowest cost. Each row also gives the cost when it
-first reached the target (and, in ``--json``, the metrics then: chamfer distance for the shape scenes).
+first reached the target (and, in ``--json``, the metrics then); for the shape scenes the summary lines give
+the chamfer distance to the true mesh there, since an IoU says nothing of the shape away from the outline.
 Timings on a shared machine are noisy: rerun before drawing conclusions from small differences.
 """
 
@@ -198,6 +199,10 @@ def speedups(rows: list[dict]) -> list[str]:
                 parts.append(f"{name}: {r['solver']} {s:.3g} s, Adam never")
             else:
                 parts.append(f"{name}: {a / s:.2f}x")
+        # the shape scenes' target is the silhouette's IoU; how close the mesh is in 3D when it gets there
+        chamfer = [(row.get("metrics_at_target") or {}).get("chamfer") for row in (r, adam)]
+        if None not in chamfer:
+            parts.append(f"chamfer at the target: {r['solver']} {chamfer[0]:.3g}, Adam {chamfer[1]:.3g}")
         lrs = f"{adam['lr']:g}" + (f" / {adam['lr_tight']:g}" if adam.get("lr_tight") not in (None, adam["lr"]) else "")
         out.append(f"{r['scene']:16s} {r['solver']:9s} vs best Adam (lr {lrs}): " + "; ".join(parts))
     return out
