@@ -7,6 +7,7 @@ tight one, with Adam's learning rate tuned by a sweep and the second-order solve
     python scripts/bench_fit.py --budget-scale 0.5           # shorter runs (the tight target may be missed)
     python scripts/bench_fit.py --scene bunny_silhouette --solver lm \
         --variant "cg3=lm solver.max_cg_iterations=3"        # a lever side by side with the defaults
+    python scripts/bench_fit.py --scene cow_shape --repeats 3  # median seconds of 3 runs of every fit
 
 Each (scene, solver, lr) runs ``scripts/fit.py`` in its own process (``logging=minimal``, one thread) for
 the scene's budget of solver seconds (``solver.max_seconds``; 4x the seconds the scene's target normally
@@ -30,7 +31,9 @@ so that a lever is measured in the same run as the defaults; in a staged variant
 last stage's costs count for the tight target and the lowest cost. Each row also gives the cost when it
 first reached the target (and, in ``--json``, the metrics then); for the shape scenes the summary lines give
 the chamfer distance to the true mesh there, since an IoU says nothing of the shape away from the outline.
-Timings on a shared machine are noisy: rerun before drawing conclusions from small differences.
+Timings on a shared machine are noisy (±30 % from one run to the next here): ``--repeats N`` runs every fit N
+times, interleaved, and reports the median seconds (``--json`` keeps each repeat's); iterations are the
+same in every repeat.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,17 +135,32 @@ def row(scene: str, solver: str, summary: dict, lowest: float | None, lr: float 
             "curve": [(h["t"], h["cost"]) for h in summary["history"] if isinstance(h.get("cost"), float)]}
 
 
+def median_row(rows: list[dict]) -> dict:
+    """One row from the repeats of one fit: the median of each seconds figure (a repeat that never got there
+    counts as slower than any that did, so the median is None when most never did); iterations, costs and
+    metrics are those of the first repeat (the path is the same, only its timing varies)."""
+    out = dict(rows[0])
+    for key in ("seconds_to_target", "seconds_to_tight"):
+        values = sorted((r[key] for r in rows), key=lambda v: math.inf if v is None else v)
+        out[key] = values[(len(values) - 1) // 2]
+        if len(rows) > 1:
+            out[key + "_repeats"] = [r[key] for r in rows]
+    out["seconds"] = statistics.median(r["seconds"] for r in rows)
+    out["repeats"] = len(rows)
+    return out
+
+
 def bench_scene(scene: str, spec: dict, scale: float, work: Path, device: str, solvers: list[str],
-                jobs: int, variants: list[tuple[str, str, list[str]]] = ()) -> list[dict]:
+                jobs: int, variants: list[tuple[str, str, list[str]]] = (), repeats: int = 1) -> list[dict]:
     budget = spec["budget"] * scale
     common = spec["overrides"] + [f"solver.max_seconds={budget}", "solver.max_iterations=100000"]
     # (row label, solver, lr, overrides)
     runs = [("adam", "adam", lr, common + spec.get("adam_overrides", []) + [f"solver.lr={lr}"]) for lr in spec["lrs"]]
     runs += [(s, s, None, common) for s in solvers]
     runs += [(f"{s}[{name}]", s, None, common + ov) for name, s, ov in variants]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [(label, lr, pool.submit(run_fit, scene, s, ov, work, device, f"{i}"))
-                   for i, (label, s, lr, ov) in enumerate(runs)]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # repeats interleaved, so that drift hits every fit
+        futures = [(label, lr, pool.submit(run_fit, scene, s, ov, work, device, f"{i}_{k}"))
+                   for k in range(repeats) for i, (label, s, lr, ov) in enumerate(runs)]
         done = [(s, lr, f.result()) for s, lr, f in futures]
     for s, lr, summary in done:
         print(f"  {scene} {s}{f' lr={lr}' if lr else ''}: final cost {summary.get('final_cost')}", file=sys.stderr,
@@ -149,7 +168,12 @@ def bench_scene(scene: str, spec: dict, scale: float, work: Path, device: str, s
     costs = [h["cost"] for _, _, sm in done for h in sm["history"]
              if h["last_stage"] and isinstance(h.get("cost"), float) and math.isfinite(h["cost"])]
     lowest = min(costs) if costs else None
-    adams = [row(scene, "adam", sm, lowest, lr) for s, lr, sm in done if s == "adam"]
+
+    def rows_of(label: str, lr: float | None) -> dict:
+        solver = "adam" if label == "adam" else label
+        return median_row([row(scene, solver, sm, lowest, lr) for s, r, sm in done if s == label and r == lr])
+
+    adams = [rows_of("adam", lr) for lr in spec["lrs"]]
     best = min(adams, key=lambda r: (r["seconds_to_target"] is None, r["seconds_to_target"] or 0.0,
                                      r["seconds_to_tight"] is None, r["seconds_to_tight"] or 0.0,
                                      r["final_cost"] if r["final_cost"] is not None else math.inf))
@@ -159,7 +183,7 @@ def bench_scene(scene: str, spec: dict, scale: float, work: Path, device: str, s
         tight["lr"], tight["seconds_to_tight"], tight["iterations_to_tight"])
     best["adam_tuning_s"] = sum(r["seconds"] for r in adams)
     best["lr_sweep"] = {str(r["lr"]): (r["seconds_to_target"], r["seconds_to_tight"]) for r in adams}
-    return [best] + [row(scene, s, sm, lowest) for s, _, sm in done if s != "adam"]
+    return [best] + [rows_of(label, None) for label, _, _, _ in runs if label != "adam"]
 
 
 def fmt(v, spec=".3g") -> str:
@@ -260,11 +284,15 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=Path("bench_fit.png"), help="convergence plot (PNG)")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="scale every scene's budget of seconds")
     ap.add_argument("--jobs", type=int, default=1, help="fits run at once (each on one thread)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run every fit this many times; the seconds columns are the medians")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per fit (1: steadier timings)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SOLVER OVERRIDE...",
                     help="also run SOLVER with these fit.py overrides, row SOLVER[NAME] (repeatable)")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     variants = []
     for v in args.variant:
         name, _, rest = v.partition("=")
@@ -279,7 +307,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_fit_") as tmp:
         for scene in args.scene or list(SCENES):
             rows += bench_scene(scene, SCENES[scene], args.budget_scale, Path(tmp), args.device,
-                                args.solver or list(SECOND_ORDER), args.jobs, variants)
+                                args.solver or list(SECOND_ORDER), args.jobs, variants, args.repeats)
     print(table(rows))
     print("\n".join(speedups(rows)))
     plot(rows, args.plot)
