@@ -191,10 +191,11 @@ class TrustRegion(Search):
         ``extension_rule="quadratic"`` picks each next ``t`` by safeguarded extrapolation (Nocedal & Wright,
         sec. 3.5): the minimizer of the quadratic through ``f(0)``, ``f'(0) = g.delta`` and ``f(t)``,
         clamped to ``[1.5 t, 2 t]``, and stops where it lies short of ``1.25 t``."""
-        assert ws.lin is not None
         o = loop.options
         factor, norm = 1.0, rec.step_norm
-        slope = float(ws.lin.gradient @ delta)
+        if o.extension_rule == "quadratic":
+            assert ws.lin is not None
+            slope = float(ws.lin.gradient @ delta)  # f'(0) along delta
         for _ in range(o.max_extensions):
             t = 2.0 * factor
             if o.extension_rule == "quadratic":
