@@ -27,45 +27,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-SHAPE = ["renderer.image_size=48", "scene.views=12", "scene.coarse_to_fine=false", "scene.sigma=3e-4",
-         "scene.color_stage=false"]
-SCENES = ("cow_shape", "bunny_silhouette")
-
-
-def setup(scene: str, adam_lr: float):
-    """(problem, x0, {solver name: config node}) at the scene's start point."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    import diffrender.config  # noqa: F401  (registers the config schemas)
-    from diffrender.scenes.base import BuildContext
-
-    nodes = {}
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for name, extra in (("lm", []), ("adam", [f"solver.lr={adam_lr}"]), ("newton_cg", [])):
-            cfg = compose("config", overrides=[f"scene={scene}", *SHAPE, f"solver={name}", *extra])
-            nodes[name] = cfg.solver
-    ctx = BuildContext(dtype=torch.float32, renderer=OmegaConf.to_container(cfg.renderer, resolve=True), root=ROOT)
-    built = instantiate(cfg.scene, _partial_=True)(ctx=ctx)
-    st = built.stages[0]
-    x = {k: v.detach().clone() for k, v in built.x0.items() if k in st.keys}
-    return st.make_problem(dict(built.x0)), x, nodes
-
-
-def extremes(matvec, n: int, like: torch.Tensor, steps: int) -> tuple[float, float, bool]:
-    """(smallest, largest) Ritz values of a symmetric operator by Lanczos, and whether they converged."""
-    from diffrender.linalg.lanczos import lanczos
-
-    start = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(like)
-    res = lanczos(matvec, start, steps)
-    return float(res.values[0]), float(res.values[-1]), res.converged
+from benchutil import SHAPE_SCENES, shape_problem  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--scene", choices=SCENES, default="bunny_silhouette")
+    ap.add_argument("--scene", choices=SHAPE_SCENES, default="bunny_silhouette")
     ap.add_argument("--lm-seconds", type=float, default=60.0, help="LM's budget to its stop")
     ap.add_argument("--seconds", type=float, default=15.0, help="each continuation's budget")
     ap.add_argument("--adam-lr", type=float, default=0.01, help="Adam's rate for the continuation")
@@ -74,7 +43,11 @@ def main() -> None:
     torch.set_num_threads(1)
     from hydra.utils import instantiate
 
-    problem, x0, nodes = setup(args.scene, args.adam_lr)
+    from diffrender.inspection import conditioning
+    from diffrender.linalg.lanczos import lanczos
+
+    problem, x0, nodes = shape_problem(args.scene, {"lm": ["solver=lm"], "newton_cg": ["solver=newton_cg"],
+                                                    "adam": ["solver=adam", f"solver.lr={args.adam_lr}"]})
     lm = instantiate(nodes["lm"], max_seconds=args.lm_seconds, max_iterations=100000).solve(problem, x0)
     x = lm.x
     ctx = problem.prepare_context(x)
@@ -84,8 +57,9 @@ def main() -> None:
     gn = float(lin.op.jvp(u).square().sum())  # u^T JᵀJ u
     hess = problem.hessian(x, ctx)
     true = float(u @ hess.hvp(u))
-    jtj = extremes(lin.op.jtj, g.numel(), g, args.lanczos_steps)
-    h = extremes(hess.hvp, g.numel(), g, args.lanczos_steps)
+    jtj = conditioning(lin.op, steps=args.lanczos_steps, want=1)
+    start = torch.randn(g.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(g)
+    h = lanczos(hess.hvp, start, args.lanczos_steps)  # the Hessian's spectrum (inspection has JᵀJ's only)
     g2 = float(g @ g)
     rows = [
         ("LM's stop", f"{lm.termination} after {len(lm.records) - 1} iterations, {lm.seconds:.1f} s: {lm.message}"),
@@ -94,8 +68,9 @@ def main() -> None:
         ("curvature along -g: Gauss-Newton, Hessian", f"{gn:.3g}, {true:.3g}"),
         ("the model's decrease along -g, ‖g‖⁴ / (2 gᵀJᵀJg) (relative to the cost)",
          f"{g2 / (2 * gn):.3g} ({g2 / (2 * gn) / lm.cost:.2g})"),
-        ("JᵀJ: smallest, largest Ritz value (converged)", f"{jtj[0]:.3g}, {jtj[1]:.3g} ({jtj[2]})"),
-        ("Hessian: smallest, largest Ritz value (converged)", f"{h[0]:.3g}, {h[1]:.3g} ({h[2]})"),
+        ("JᵀJ: smallest, largest Ritz value (converged)", f"{jtj.eig_min:.3g}, {jtj.eig_max:.3g} ({jtj.converged})"),
+        ("Hessian: smallest, largest Ritz value (converged)",
+         f"{float(h.values[0]):.3g}, {float(h.values[-1]):.3g} ({h.converged})"),
     ]
     off = dict(function_tolerance=0.0, parameter_tolerance=0.0, gradient_tolerance=0.0)
     continuations = (("LM, tolerances off", nodes["lm"], off), (f"Adam, lr {args.adam_lr}", nodes["adam"], {}),

@@ -170,8 +170,7 @@ def bench_scene(scene: str, spec: dict, scale: float, work: Path, device: str, s
     lowest = min(costs) if costs else None
 
     def rows_of(label: str, lr: float | None) -> dict:
-        solver = "adam" if label == "adam" else label
-        return median_row([row(scene, solver, sm, lowest, lr) for s, r, sm in done if s == label and r == lr])
+        return median_row([row(scene, label, sm, lowest, lr) for s, r, sm in done if s == label and r == lr])
 
     adams = [rows_of("adam", lr) for lr in spec["lrs"]]
     best = min(adams, key=lambda r: (r["seconds_to_target"] is None, r["seconds_to_target"] or 0.0,
@@ -224,7 +223,7 @@ def speedups(rows: list[dict]) -> list[str]:
             else:
                 parts.append(f"{name}: {a / s:.2f}x")
         # the shape scenes' target is the silhouette's IoU; how close the mesh is in 3D when it gets there
-        chamfer = [(row.get("metrics_at_target") or {}).get("chamfer") for row in (r, adam)]
+        chamfer = [(q.get("metrics_at_target") or {}).get("chamfer") for q in (r, adam)]
         if None not in chamfer:
             parts.append(f"chamfer at the target: {r['solver']} {chamfer[0]:.3g}, Adam {chamfer[1]:.3g}")
         lrs = f"{adam['lr']:g}" + (f" / {adam['lr_tight']:g}" if adam.get("lr_tight") not in (None, adam["lr"]) else "")

@@ -26,30 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchutil import median_ms  # noqa: E402
+from benchutil import SHAPE_SCENES, median_ms, shape_problem  # noqa: E402
 
-SHAPE = ["renderer.image_size=48", "scene.views=12", "scene.coarse_to_fine=false", "scene.sigma=3e-4",
-         "scene.color_stage=false"]
-SCENES = ("cow_shape", "bunny_silhouette")
+SCENES = SHAPE_SCENES
 
 
 def setup(scene: str):
     """(problem, x, lm config, adam config) at the scene's start point."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    import diffrender.config  # noqa: F401  (registers the config schemas)
-    from diffrender.scenes.base import BuildContext
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        lm = compose("config", overrides=[f"scene={scene}", *SHAPE, "solver=lm"])
-        adam = compose("config", overrides=[f"scene={scene}", *SHAPE, "solver=adam", "solver.lr=0.05"])
-    ctx = BuildContext(dtype=torch.float32, renderer=OmegaConf.to_container(lm.renderer, resolve=True), root=ROOT)
-    built = instantiate(lm.scene, _partial_=True)(ctx=ctx)
-    st = built.stages[0]
-    x = {k: v.detach().clone() for k, v in built.x0.items() if k in st.keys}
-    return st.make_problem(dict(built.x0)), x, lm.solver, adam.solver
+    problem, x, nodes = shape_problem(scene, {"lm": ["solver=lm"], "adam": ["solver=adam", "solver.lr=0.05"]})
+    return problem, x, nodes["lm"], nodes["adam"]
 
 
 def per_iteration_ms(problem, x, node, iterations: int) -> float:

@@ -1,4 +1,5 @@
-"""Timing and memory helpers shared by the benchmark scripts (not part of the library)."""
+"""Timing and memory helpers and the shape scenes' set-up, shared by the benchmark scripts (not part of the
+library)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,32 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float:
     base = rss_kb("VmRSS:")
     fn()
     return (rss_kb("VmHWM:") - base) / 1024
+
+
+# the shape scenes as bench_fit.py fits them: 48², 12 views, one σ, silhouettes only
+SHAPE = ["renderer.image_size=48", "scene.views=12", "scene.coarse_to_fine=false", "scene.sigma=3e-4",
+         "scene.color_stage=false"]
+SHAPE_SCENES = ("cow_shape", "bunny_silhouette")
+
+
+def shape_problem(scene: str, solvers: dict[str, list[str]]) -> tuple:
+    """``(problem, x0, {name: solver config node})``: a shape scene's first stage at its start point, and one
+    solver config per entry of ``solvers`` (its fit.py overrides, e.g. ``["solver=adam", "solver.lr=0.05"]``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    import diffrender.config  # noqa: F401  (registers the config schemas)
+    from diffrender.scenes.base import BuildContext
+
+    root = Path(__file__).resolve().parents[1]
+    nodes = {}
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        for name, overrides in solvers.items():
+            cfg = compose("config", overrides=[f"scene={scene}", *SHAPE, *overrides])
+            nodes[name] = cfg.solver
+    ctx = BuildContext(dtype=torch.float32, renderer=OmegaConf.to_container(cfg.renderer, resolve=True), root=root)
+    built = instantiate(cfg.scene, _partial_=True)(ctx=ctx)
+    st = built.stages[0]
+    x = {k: v.detach().clone() for k, v in built.x0.items() if k in st.keys}
+    return st.make_problem(dict(built.x0)), x, nodes
