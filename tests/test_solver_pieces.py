@@ -222,6 +222,24 @@ def test_quadratic_extension_lands_on_the_line_minimum_of_a_quadratic_cost():
         LevenbergMarquardt(extension_rule="cubic")
 
 
+@pytest.mark.parametrize("damping, share, extended", [(0.05, 0.1, True), (0.75, 0.1, False), (0.05, 0.0, False)])
+def test_a_dense_step_is_extended_only_where_the_damping_did_not_shorten_it(damping, share, extended):
+    """extend_damping_share: a dense step (never CG-truncated) is extended only where the damping adds less
+    than ``share`` to the model's curvature along it. On r = W x - b damped with lambda diag(W^2) that share
+    is lambda itself, and the step is x*/(1 + lambda), so rho = 1 and the line minimum is t* = 1 + lambda:
+    the doubled trial (t = 2) is tried and fails, and the accepted point stays the step's own."""
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=D)
+    b = torch.tensor([0.5, -1.0, 2.0], dtype=D)
+    problem = Problem(lambda x, ctx: w * x["x"] - b)
+    result = LevenbergMarquardt(linear_solver="dense", initial_damping=damping, extend_truncated=0.5,
+                                extend_damping_share=share, max_extensions=3,
+                                max_iterations=1).solve(problem, {"x": torch.zeros(3, dtype=D)})
+    assert result.records[1].line_search_steps == (1 if extended else 0)
+    torch.testing.assert_close(result.x["x"], (b / w) / (1 + damping), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="extend_damping_share must be >= 0"):
+        LevenbergMarquardt(extend_damping_share=-0.1)
+
+
 def test_an_amortized_diagonal_is_reused_refreshed_and_never_negative():
     """diagonal_every=3: the Hutchinson estimate is made at the first of every 3 linearizations and reused
     in between; being a mean of squares, it is never negative."""

@@ -83,6 +83,8 @@ class SecondOrderSolver(Solver):
             raise ValueError(f"{name}: hutchinson_probes must be >= 1, got {o.hutchinson_probes}")
         if not o.extend_truncated >= 0.0:
             raise ValueError(f"{name}: extend_truncated must be >= 0 (0: off), got {o.extend_truncated}")
+        if not o.extend_damping_share >= 0.0:
+            raise ValueError(f"{name}: extend_damping_share must be >= 0 (0: off), got {o.extend_damping_share}")
         if o.max_extensions < 1:
             raise ValueError(f"{name}: max_extensions must be >= 1, got {o.max_extensions}")
 

@@ -77,10 +77,14 @@ class SecondOrderOptions(SolverOptions):
     # after an accepted step that CG cut short (max_cg_iterations reached) whose gain ratio rho exceeds this,
     # try the step doubled, and doubled again up to max_extensions times while the cost keeps falling, keeping
     # the lowest (a truncated Newton step along which the cost falls twice as fast as the Gauss-Newton model
-    # says is short of the model's reach, not beyond it; the dense path, whose steps are complete, never
-    # extends). 0: off.
+    # says is short of the model's reach, not beyond it). 0: off.
     extend_truncated: float = 0.0
     max_extensions: int = 1
+    # extend (as above) also a step that CG did not cut short (a dense one, or CG converged) when the damping
+    # adds less than this share to the model's curvature along it, lambda ||D delta||^2 < share ||J~ delta||^2:
+    # the step is then the Gauss-Newton model's own minimizer, and rho > extend_truncated says the cost keeps
+    # falling beyond it. A step the damping shortened is never extended. 0: only CG-truncated steps.
+    extend_damping_share: float = 0.0
     # how the next extension's length is chosen: "doubling" (2t after t), or "quadratic": the minimizer of
     # the quadratic through the cost and its slope at 0 and the cost at t, kept within [1.5t, 2t], and no
     # further trial where that minimizer lies short of 1.25t (the trial that would fail is not paid for)

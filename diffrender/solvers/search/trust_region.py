@@ -172,7 +172,7 @@ class TrustRegion(Search):
         if finite and rho > self.min_relative_decrease:
             o = loop.options
             if o.extend_truncated > 0 and termination is None and rho > o.extend_truncated and \
-                    step.cg_iterations >= o.max_cg_iterations and not loop.use_dense(delta.numel()):
+                    self._model_limited(loop, step, region, delta):
                 trial = self._extend(loop, problem, state, ws, delta, trial, rec)
             loop.accept(state, ws, trial)
             self.policy.accepted(state, rho, step)
@@ -183,10 +183,23 @@ class TrustRegion(Search):
         return rec, termination or self._reject(state, ws, step)
 
     @staticmethod
+    def _model_limited(loop: SecondOrderSolver, step: Step, region: Region, delta: Tensor) -> bool:
+        """Whether the step's length was set by something other than the region: CG stopped at its cap, or
+        the damping adds less than ``extend_damping_share`` to the model's curvature along the step,
+        ``lambda ||D delta||^2 < share ||J~ delta||^2`` (i.e. ``lambda < share * step.curvature``), so the
+        step is the model's own minimizer, not the region's. Only such a step may be extended: one the region
+        cut short was cut for a reason (teapot_pose's first step, extended, lands in the false basin)."""
+        o = loop.options
+        if step.cg_iterations >= o.max_cg_iterations and not loop.use_dense(delta.numel()):
+            return True
+        return o.extend_damping_share > 0 and region.damping < o.extend_damping_share * step.curvature
+
+    @staticmethod
     def _extend(loop: SecondOrderSolver, problem: Problem, state: SolverState, ws: Workspace, delta: Tensor,
                 trial: Trial, rec: IterationRecord) -> Trial:
-        """Forward tracking along an accepted truncated step ``t delta``, ``t = 2, 4, ...`` (at most
-        ``max_extensions`` trials) while the cost keeps falling; the lowest trial, noted in ``rec``.
+        """Forward tracking along an accepted step that the model limited (``_model_limited``), ``t delta`` for
+        ``t = 2, 4, ...`` (at most ``max_extensions`` trials) while the cost keeps falling; the lowest trial,
+        noted in ``rec``.
 
         ``extension_rule="quadratic"`` picks each next ``t`` by safeguarded extrapolation (Nocedal & Wright,
         sec. 3.5): the minimizer of the quadratic through ``f(0)``, ``f'(0) = g.delta`` and ``f(t)``,
