@@ -25,7 +25,8 @@ it (then the first to the tight one, then the lowest final cost), for the tight 
 that (the Adam lr column shows "target / tight" where they differ); the whole sweep's solver seconds are
 reported as ``adam_tuning_s``.
 LM, GN, Dogleg and Newton-CG run at their defaults (``conf/solver/*.yaml``), one configuration for all
-scenes. Shape scenes run a single σ (no coarse-to-fine, no color stage) so costs compare across solvers.
+scenes; ``--solver lm_adam`` adds the chain of LM and then Adam (lr 1e-2) from where LM stalls. Shape
+scenes run a single σ (no coarse-to-fine, no color stage) so costs compare across solvers.
 ``--variant NAME=SOLVER OVERRIDE...`` adds a run of SOLVER with those fit.py overrides (row ``SOLVER[NAME]``),
 so that a lever is measured in the same run as the defaults; in a staged variant (a σ schedule) only its
 last stage's costs count for the tight target and the lowest cost. Each row also gives the cost when it
@@ -65,6 +66,8 @@ SCENES = {
     "texture": dict(overrides=[], budget=120.0, lrs=[0.01, 0.03, 0.1, 0.3]),
 }
 SECOND_ORDER = ("lm", "gn", "dogleg", "newton_cg")
+# run when asked (--solver lm_adam): LM, then Adam from where LM stalls (conf/solver/lm_adam.yaml)
+CHAINS = ("lm_adam",)
 
 
 def targets(scene: str, lowest_cost: float | None):
@@ -277,8 +280,8 @@ def plot(rows: list[dict], path: Path, panel=(420, 300)) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scene", choices=list(SCENES), action="append", help="run only this scene (repeatable)")
-    ap.add_argument("--solver", choices=SECOND_ORDER, action="append",
-                    help="second-order solvers to run (repeatable; default all)")
+    ap.add_argument("--solver", choices=SECOND_ORDER + CHAINS, action="append",
+                    help=f"second-order solvers to run (repeatable; default {' '.join(SECOND_ORDER)})")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON lines here")
     ap.add_argument("--plot", type=Path, default=Path("bench_fit.png"), help="convergence plot (PNG)")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="scale every scene's budget of seconds")
@@ -296,9 +299,9 @@ def main() -> None:
     for v in args.variant:
         name, _, rest = v.partition("=")
         words = rest.split()
-        if not name or not words or words[0] not in ("adam", *SECOND_ORDER):
+        if not name or not words or words[0] not in ("adam", *SECOND_ORDER, *CHAINS):
             ap.error(f"--variant {v!r}: expected NAME=SOLVER OVERRIDE..., SOLVER one of adam, "
-                     f"{', '.join(SECOND_ORDER)}")
+                     f"{', '.join(SECOND_ORDER + CHAINS)}")
         variants.append((name, words[0], words[1:]))
     global THREADS
     THREADS = str(args.threads)

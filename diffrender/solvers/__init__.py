@@ -12,7 +12,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Adam": "adam", "AdamWorkspace": "adam",
+    "Adam": "adam", "AdamWorkspace": "adam", "Chain": "chain", "ChainOptions": "options",
     "Solver": "base", "Workspace": "base", "CallbackList": "base", "as_callback": "base",
     "Dogleg": "dogleg", "GaussNewton": "gauss_newton", "LevenbergMarquardt": "levenberg_marquardt",
     "NewtonCG": "newton_cg", "SecondOrderSolver": "loop", "Trial": "loop",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["SolverOptions", "SecondOrderOptions", "LevenbergMarquardtOptions", "GaussNewtonOptions",
-           "RadiusOptions", "DoglegOptions", "NewtonCGOptions", "AdamOptions", "SOLVER_OPTIONS"]
+           "RadiusOptions", "DoglegOptions", "NewtonCGOptions", "AdamOptions", "ChainOptions", "SOLVER_OPTIONS"]
 
 
 @dataclass
@@ -159,6 +159,14 @@ class AdamOptions(SolverOptions):
     eps: float = 1e-8
     function_tolerance: float = 0.0
     parameter_tolerance: float = 0.0
+
+
+@dataclass
+class ChainOptions:
+    """A chain's budgets, shared by its solvers (each gets what is left; their own limits are overridden)."""
+
+    max_iterations: int = 500
+    max_seconds: float | None = None
 
 
 # Hydra schema name -> (solver class path, its options)
