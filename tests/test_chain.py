@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from fitutil import TEAPOT, compose, run_fit
+from fitutil import TEAPOT, compose, read_json, run_fit
 
 from diffrender.problem import Problem
 from diffrender.solvers import Adam, Chain, LevenbergMarquardt
@@ -99,12 +100,19 @@ def test_lm_adam_config_builds_the_apps_lm_then_adam():
     assert then.options.lr == 0.003 and solver.options.max_iterations == 500
 
 
-def test_fit_py_runs_a_chain_and_numbers_its_steps_on(tmp_path):
-    """The app with solver=lm_adam: LM's part (a damping in the history) and then Adam's (none), one step
-    count, and the fit's best cost is the lowest in its history."""
-    summary = run_fit(tmp_path, *TEAPOT, "solver=lm_adam", "solver.first.function_tolerance=1.0",
-                      "solver.max_iterations=6")
+def test_fit_py_runs_a_chain_numbers_its_steps_on_and_resumes_it(tmp_path):
+    """The app with solver=lm_adam: LM's part (a damping in the history), then Adam's (none), one step
+    count; stopped in Adam's part and resumed from its checkpoint, the fit ends where the uninterrupted one
+    ends."""
+    chain = [*TEAPOT, "solver=lm_adam", "solver.first.function_tolerance=1.0", "solver.max_iterations=6"]
+    summary = run_fit(tmp_path, *chain, run="ref")
     hist = summary["history"]
     assert [h["step"] for h in hist] == list(range(7))
     damped = [isinstance(h["damping"], float) and math.isfinite(h["damping"]) for h in hist[1:]]
     assert damped[0] and not damped[-1] and damped == sorted(damped, reverse=True)
+    ref = read_json(tmp_path / "ref" / "pose.json")["eye"]
+    stopped = run_fit(tmp_path, *chain, "stop_after=4")
+    assert stopped["stopped"] and stopped["iterations"] == 4
+    resumed = run_fit(tmp_path, f"resume={tmp_path / 'run'}", run="ignored")
+    assert resumed["iterations"] == 6 and [h["step"] for h in resumed["history"]][-1] == 6
+    np.testing.assert_allclose(read_json(tmp_path / "run" / "pose.json")["eye"], ref, rtol=0, atol=1e-6)
