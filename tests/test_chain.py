@@ -63,6 +63,20 @@ def test_no_hand_off_after_a_stop_that_is_not_a_stall():
     assert res.termination == "gradient_tolerance" and res.solver == "Chain(LevenbergMarquardt)"
 
 
+def test_the_second_solver_stops_when_it_cannot_improve_on_a_minimum():
+    """patience: LM's one step lands within 1e-8 of the cost of r = x - b's minimum (and stops by the function
+    test), so Adam cannot lower the best cost by 1e-6 of the initial cost; it stops after `patience`
+    iterations, its small gains (the best point either way) below that tolerance."""
+    linear = Problem(lambda x, ctx: x["x"] - torch.tensor([1.0, 2.0], dtype=D))
+    x0 = {"x": torch.zeros(2, dtype=D)}
+    lm = _stalling_lm().solve(linear, x0)
+    assert lm.termination == "function_tolerance" and lm.cost < 1e-8 * lm.initial_cost
+    res = Chain(first=_stalling_lm(), then=Adam(lr=1e-3), patience=20).solve(linear, x0)
+    assert res.iterations == lm.iterations + 20 and res.termination == "function_tolerance"
+    assert res.message.endswith("in 20 iterations)")
+    assert 0.0 <= lm.cost - res.cost <= 1e-6 * lm.initial_cost
+
+
 def test_a_state_saved_in_the_second_solver_resumes_it_exactly():
     """Stopped by its callback in Adam's part and resumed from the state the callback saw, the chain ends
     where the uninterrupted chain ends: the same iterate, the numbering carried on."""
