@@ -75,6 +75,10 @@ def test_the_second_solver_stops_when_it_cannot_improve_on_a_minimum():
     assert res.iterations == lm.iterations + 20 and res.termination == "function_tolerance"
     assert res.message.endswith("in 20 iterations)")
     assert 0.0 <= lm.cost - res.cost <= 1e-6 * lm.initial_cost
+    with pytest.raises(ValueError, match="patience and patience_tolerance must be >= 0"):
+        Chain(first=_stalling_lm(), then=Adam(), patience=-1)
+    with pytest.raises(TypeError, match="then must be a diffrender Solver"):
+        Chain(first=_stalling_lm(), then=object())
 
 
 def test_a_state_saved_in_the_second_solver_resumes_it_exactly():

@@ -5,8 +5,8 @@ cost is a wall that its model resolves, so the model allows a decrease of ~1e-8 
 the function tolerance ends the solve with the gradient far from zero, while Adam's fixed-size steps go on
 from there. ``Chain(first=LevenbergMarquardt(...), then=Adam(...))`` runs ``first`` until it stops by
 :data:`HANDOFF` (its accepted steps no longer lower the cost) and gives ``then`` the rest of the budget;
-any other stop ends the chain there. ``then`` stops when its best cost has not fallen by more than
-``patience_tolerance`` x the initial cost in ``patience`` iterations.
+any other stop ends the chain there. With ``patience > 0``, ``then`` stops when its best cost has not
+fallen by more than ``patience_tolerance`` x the initial cost in ``patience`` iterations.
 """
 
 from __future__ import annotations
@@ -50,6 +50,13 @@ class Chain(Solver):
             if not isinstance(solver, Solver):
                 raise TypeError(f"Chain: {key} must be a diffrender Solver, got {type(solver).__name__}")
         self.solvers = [first, then]
+
+    def validate_options(self) -> None:
+        super().validate_options()
+        o = self.options
+        if o.patience < 0 or not o.patience_tolerance >= 0:
+            raise ValueError(f"Chain: patience and patience_tolerance must be >= 0 (0: off), got {o.patience} "
+                             f"and {o.patience_tolerance}")
 
     def solve(self, problem: Problem, x0: dict[str, Tensor], callback: Callback | Sequence[Callback] | None = None,
               state: SolverState | None = None) -> Result:
