@@ -188,16 +188,21 @@ def test_extended_truncated_steps_converge_to_the_same_minimum(max_extensions):
         LevenbergMarquardt(max_extensions=0)
 
 
-def _diagonal_linear(**options):
-    """r = W x - b with diagonal W: the cost is exactly quadratic along any ray. LM damps with lambda diag(W^2),
-    so its first step (one CG iteration, exact here) is the Newton step shrunk by 1/(1 + lambda), and with
-    lambda = 0.75 the line minimum sits at t* = 1.75. Returns the one-iteration result and x*."""
+def _diagonal_problem():
+    """r = W x - b with diagonal W: ``(problem, x0, x*)``; the cost is exactly quadratic along any ray."""
     w = torch.tensor([1.0, 2.0, 3.0], dtype=D)
     b = torch.tensor([0.5, -1.0, 2.0], dtype=D)
-    problem = Problem(lambda x, ctx: w * x["x"] - b)
+    return Problem(lambda x, ctx: w * x["x"] - b), {"x": torch.zeros(3, dtype=D)}, b / w
+
+
+def _diagonal_linear(**options):
+    """LM damps r = W x - b with lambda diag(W^2), so its first step (one CG iteration, exact here) is the
+    Newton step shrunk by 1/(1 + lambda), and with lambda = 0.75 the line minimum sits at t* = 1.75. Returns
+    the one-iteration result and x*."""
+    problem, x0, x_star = _diagonal_problem()
     solver = LevenbergMarquardt(linear_solver="cg", max_cg_iterations=1, initial_damping=0.75, extend_truncated=0.5,
                                 max_extensions=3, max_iterations=1, **options)
-    return solver.solve(problem, {"x": torch.zeros(3, dtype=D)}), b / w
+    return solver.solve(problem, x0), x_star
 
 
 def test_the_result_is_the_accepted_point_after_a_failed_extension():
@@ -228,14 +233,11 @@ def test_a_dense_step_is_extended_only_where_the_damping_did_not_shorten_it(damp
     than ``share`` to the model's curvature along it. On r = W x - b damped with lambda diag(W^2) that share
     is lambda itself, and the step is x*/(1 + lambda), so rho = 1 and the line minimum is t* = 1 + lambda:
     the doubled trial (t = 2) is tried and fails, and the accepted point stays the step's own."""
-    w = torch.tensor([1.0, 2.0, 3.0], dtype=D)
-    b = torch.tensor([0.5, -1.0, 2.0], dtype=D)
-    problem = Problem(lambda x, ctx: w * x["x"] - b)
+    problem, x0, x_star = _diagonal_problem()
     result = LevenbergMarquardt(linear_solver="dense", initial_damping=damping, extend_truncated=0.5,
-                                extend_damping_share=share, max_extensions=3,
-                                max_iterations=1).solve(problem, {"x": torch.zeros(3, dtype=D)})
+                                extend_damping_share=share, max_extensions=3, max_iterations=1).solve(problem, x0)
     assert result.records[1].line_search_steps == (1 if extended else 0)
-    torch.testing.assert_close(result.x["x"], (b / w) / (1 + damping), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result.x["x"], x_star / (1 + damping), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="extend_damping_share must be >= 0"):
         LevenbergMarquardt(extend_damping_share=-0.1)
 

@@ -89,7 +89,7 @@ class Chain(Solver):
                 break
             done = resumed.iteration if resumed is not None else 0
             inner = dataclasses.replace(solver.options, max_iterations=done + max(left_it, 0), max_seconds=left_s)
-            offset = spent["last"] if k > begin else offset
+            offset = spent["last"]  # where the numbering stands (the resumed offset for the first solver run)
 
             watch = {"best": math.inf, "since": 0, "stalled": False, "user": False}
 
