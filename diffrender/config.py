@@ -144,6 +144,9 @@ class ShapeConfig(PyramidConfig):
     w_laplacian: float = 1.0
     w_edge: float = 0.3
     w_normal: float = 0.1
+    # the normal term's ε as a share of the start mesh's median face (2 x area): unit normals for faces well
+    # above it, a bounded derivative at slivers (regularizers.normal_residual); 0: plain unit normals
+    normal_softening: float = 0.1
     preconditioner_lambda: float = 10.0  # (I + λL)^-1 for the CG solve (Nicolet et al. 2021); 0: off
     view_chunks: int = 1  # residual terms the views are split into (a solver may subsample their curvature)
     image_noise: float = 0.0  # std of Gaussian noise added to the targets (seeded), e.g. for uncertainty.json
@@ -229,6 +232,7 @@ class ImagesConfig(SceneConfig):
     w_laplacian: float = 1.0  # offsets regularizers (as in cow_shape)
     w_edge: float = 0.3
     w_normal: float = 0.1
+    normal_softening: float = 0.1  # as in cow_shape (regularizers.normal_residual); 0: unit normals
     w_color_smooth: float = 0.01  # Laplacian of the per-vertex colors
     preconditioner_lambda: float = 10.0  # (I + λL)^-1 on the offsets (Nicolet et al. 2021); 0: Jacobi
 

@@ -18,6 +18,7 @@ from diffrender.scenes.regularizers import (
     laplacian_preconditioner,
     laplacian_residual,
     normal_residual,
+    softening_length,
 )
 
 
@@ -71,13 +72,42 @@ def test_regularizers_are_differentiable_in_both_modes():
     topo = Topology.of(m.faces, m.verts.shape[0])
     v = (m.verts + 0.03 * torch.randn_like(m.verts)).requires_grad_(True)
     for fn in (lambda x: laplacian_residual(x, topo), lambda x: edge_residual(x, topo),
-               lambda x: normal_residual(x, m.faces, topo)):
+               lambda x: normal_residual(x, m.faces, topo), lambda x: normal_residual(x, m.faces, topo, 0.3)):
         assert torch.autograd.gradcheck(fn, (v,))
         u = torch.randn_like(v)
         _, jvp = torch.func.jvp(fn, (v.detach(),), (u,))
         h = 1e-6
         fd = (fn(v.detach() + h * u) - fn(v.detach() - h * u)) / (2 * h)
         torch.testing.assert_close(jvp, fd, rtol=1e-5, atol=1e-7)
+
+
+def test_softened_normals_keep_a_sliver_s_derivative_bounded():
+    # two faces on the edge (0, 1): a unit right triangle and a sliver whose apex lies h off the shared edge
+    faces = torch.tensor([[0, 1, 2], [1, 0, 3]])
+    topo = Topology.of(faces, 4)
+
+    def verts(h):
+        return torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0.5, -h, 0.3 * h]], dtype=torch.float64)
+
+    eps = 0.05
+    # |ñ| = 2 x area: 1 for face 0, |(0, 0.3, 1)| for face 1; the median of two is the lower one (torch's)
+    assert softening_length(verts(1.0), faces, 0.1) == pytest.approx(0.1 * min(1.0, 1.09 ** 0.5))
+    assert softening_length(verts(1.0), faces, 0.0) == 0.0
+
+    def jac_norm(h, e):
+        return torch.autograd.functional.jacobian(lambda v: normal_residual(v, faces, topo, e), verts(h)).abs().max()
+
+    # unit normals: the derivative grows as 1/h (|d n / d apex| = 1/|h (1, 0.3)|-ish); softened: below 1/eps
+    # times the largest edge (|d ñ / d v| <= 2 max edge) for every h
+    assert jac_norm(1e-6, 0.0) > 1e5
+    for h in (1e-6, 1e-3, 1.0):
+        assert jac_norm(h, eps) <= 2 * 2 ** 0.5 / eps
+    # a face far above eps keeps its unit normal: n = unit * |ñ| / sqrt(|ñ|² + eps²), |ñ| = 1 for face 0
+    v = verts(1.0)
+    r_soft, r_unit = normal_residual(v, faces, topo, 1e-3), normal_residual(v, faces, topo)
+    torch.testing.assert_close(r_soft, r_unit, rtol=0, atol=1e-6)
+    # a collapsed face (h = 0: zero area) has normal 0 softened, so the pair costs |n_0|² = 1 exactly
+    assert float((normal_residual(verts(0.0), faces, topo, eps) ** 2).sum()) == pytest.approx(1 / (1 + eps ** 2))
 
 
 def test_laplacian_preconditioner_solves_i_plus_lambda_l():

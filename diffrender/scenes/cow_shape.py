@@ -38,6 +38,7 @@ from diffrender.scenes.regularizers import (
     laplacian_preconditioner,
     laplacian_residual,
     normal_residual,
+    softening_length,
 )
 from diffrender.scenes.views import plan_views, render_views
 
@@ -53,7 +54,8 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
           coarse_to_fine: bool, gamma: float, fov_deg: float, sphere_level: int, sphere_radius: float,
           views: int, distance: float, elevations_deg: list[float], color_stage: bool, w_silhouette: float,
           w_color: float, w_laplacian: float, w_edge: float, w_normal: float, preconditioner_lambda: float,
-          coarse_scale: float, view_chunks: int, ctx: BuildContext, image_noise: float = 0.0) -> Scene:
+          coarse_scale: float, view_chunks: int, ctx: BuildContext, image_noise: float = 0.0,
+          normal_softening: float = 0.1) -> Scene:
     from diffrender import render as R
     from diffrender.camera import camera_from_look_at, orbit_eyes
     from diffrender.mesh import Mesh, icosphere, save_obj
@@ -100,9 +102,11 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     if preconditioner_lambda > 0:
         pre = laplacian_preconditioner(topo, base.shape[0], preconditioner_lambda, "offsets", ctx.dtype, ctx.device)
 
+    eps = softening_length(base, faces, normal_softening)
+
     def regularizers(v):
         return {"laplacian": laplacian_residual(v, topo), "edge": edge_residual(v, topo),
-                "normal": normal_residual(v, faces, topo)}
+                "normal": normal_residual(v, faces, topo, eps)}
 
     def problem(settings, camera, image_residuals, block_weights: dict[str, float]):
         """The stage's Problem: one term of every view (the plain problem), or one term per chunk of views

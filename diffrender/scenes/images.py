@@ -45,6 +45,7 @@ from diffrender.scenes.regularizers import (
     laplacian_preconditioner,
     laplacian_residual,
     normal_residual,
+    softening_length,
 )
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
           up: list[float], search: str, search_below_iou: float, search_directions: int, search_rolls: int,
           search_size: int, w_silhouette: float, w_color: float, w_laplacian: float, w_edge: float,
           w_normal: float, w_color_smooth: float, preconditioner_lambda: float, final_passes: int,
-          ctx: BuildContext) -> Scene:
+          ctx: BuildContext, normal_softening: float = 0.1) -> Scene:
     from diffrender import render as R
     from diffrender.camera import pose_to_extrinsics
     from diffrender.io import load_dataset
@@ -167,6 +168,9 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
     topo = Topology.of(faces, v_start.shape[0]) if "offsets" in free else None
     topo_fine = Topology.of(faces_out, n_fine) if fine else topo
     topo_colors = Topology.of(faces_out, n_fine) if "colors" in free else None
+    # the normal term's ε per level: midpoint subdivision quarters every face (and its |ñ|)
+    eps = softening_length(v_start, faces, normal_softening) if "offsets" in free else 0.0
+    eps_fine = eps / 4 ** (len(levels) - 1)
 
     # ---------------------------------------------------------------- unknowns and x0
     unknowns = CameraUnknowns(cam0, free, torch.tensor(look_at, **kw), torch.tensor(up, **kw))
@@ -240,9 +244,9 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
         without subdivision are the coarse vertices at either level)."""
         blocks = {}
         if "offsets" in keys or "offsets_fine" in keys:
-            tp, f = (topo_fine, faces_out) if level == "out" and fine else (topo, faces)
+            tp, f, e = (topo_fine, faces_out, eps_fine) if level == "out" and fine else (topo, faces, eps)
             blocks.update(laplacian=laplacian_residual(v, tp), edge=edge_residual(v, tp),
-                          normal=normal_residual(v, f, tp))
+                          normal=normal_residual(v, f, tp, e))
         if "colors" in keys:  # also keeps colors that no view sees finite (tied to their neighbours)
             blocks["color_smooth"] = laplacian_residual(q["colors"], topo_colors)
         return blocks

@@ -61,13 +61,35 @@ def edge_residual(verts: Tensor, topo: Topology) -> Tensor:
     return length - length.mean()
 
 
-def normal_residual(verts: Tensor, faces: Tensor, topo: Topology) -> Tensor:
+def normal_residual(verts: Tensor, faces: Tensor, topo: Topology, softening: float = 0.0) -> Tensor:
     """Difference of the unit normals of adjacent faces, (P, 3): ``|n_a - n_b|^2 = 2 (1 - cos)``, so its
-    squared norm is twice PyTorch3D's normal-consistency loss."""
+    squared norm is twice PyTorch3D's normal-consistency loss.
+
+    ``softening`` (ε, in the units of ``ñ = (v1 - v0) x (v2 - v0)``, twice a face's area) normalizes as
+    ``n = ñ / sqrt(|ñ|² + ε²)``: a unit normal's derivative grows as ``1/|ñ|``, so a face collapsing to a
+    sliver gives the term unbounded curvature, and a trust-region solver's steps shrink to what that one face
+    allows (LM stalled on bunny_silhouette with ``|∂r/∂v|`` in the thousands at two slivers). Softened, the
+    derivative stays below ``1/ε``, faces well above ε keep their unit normals (``1 - n·n ≈ ε²/2|ñ|²``), and
+    a sliver's normal shrinks toward 0, which the term still penalizes (``|n_b|² = 1`` against a neighbour).
+    """
     from diffrender.mesh import face_normals
 
-    n = face_normals(verts, faces, unit=True)
+    if softening > 0:
+        a = face_normals(verts, faces)
+        n = a * torch.rsqrt((a * a).sum(-1, keepdim=True) + softening * softening)
+    else:
+        n = face_normals(verts, faces, unit=True)
     return n.index_select(0, topo.face_pairs[:, 0]) - n.index_select(0, topo.face_pairs[:, 1])
+
+
+def softening_length(verts: Tensor, faces: Tensor, share: float) -> float:
+    """ε for :func:`normal_residual`: ``share`` times the median ``|ñ|`` (twice the area) of the faces of
+    ``verts: (V, 3)``, ``faces: (F, 3)`` (the start mesh), fixed for a whole fit; 0 where ``share`` is 0."""
+    from diffrender.mesh import face_normals
+
+    if share <= 0:
+        return 0.0
+    return share * float(face_normals(verts.detach(), faces).norm(dim=-1).median())
 
 
 def laplacian_preconditioner(topo: Topology, num_verts: int, lam: float, key: str,
