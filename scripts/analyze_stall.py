@@ -5,7 +5,8 @@ The script runs the app's LM from the start point until it stops (its own tolera
 pass. At that point it measures:
 
 * the cost and the gradient;
-* the curvature along -g, from the Gauss-Newton model (``||J u||²``) and from the Hessian (one HVP);
+* the curvature along -g, from the Gauss-Newton model (``||J u||²``) and from the Hessian (one HVP), and
+  each residual block's share of the Gauss-Newton one (``w_b ||J_b u||²``: which term makes the wall);
 * the cost decrease that the model allows along -g;
 * the extreme eigenvalues of ``JᵀJ`` and of the Hessian (Lanczos).
 
@@ -15,6 +16,7 @@ Newton-CG, all from that same point. Scenes are set up as ``bench_fit.py`` sets 
 
     python scripts/analyze_stall.py --scene bunny_silhouette
     python scripts/analyze_stall.py --scene cow_shape --seconds 10
+    python scripts/analyze_stall.py --override scene.normal_softening=0   # fit.py overrides of the set-up
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="each continuation's budget")
     ap.add_argument("--adam-lr", type=float, default=0.01, help="Adam's rate for the continuation")
     ap.add_argument("--lanczos-steps", type=int, default=60)
+    ap.add_argument("--override", action="append", default=[], help="a fit.py override of the set-up (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from hydra.utils import instantiate
@@ -46,8 +49,9 @@ def main() -> None:
     from diffrender.inspection import conditioning
     from diffrender.linalg.lanczos import lanczos
 
-    problem, x0, nodes = shape_problem(args.scene, {"lm": ["solver=lm"], "newton_cg": ["solver=newton_cg"],
-                                                    "adam": ["solver=adam", f"solver.lr={args.adam_lr}"]})
+    ov = args.override
+    problem, x0, nodes = shape_problem(args.scene, {"lm": ["solver=lm", *ov], "newton_cg": ["solver=newton_cg", *ov],
+                                                    "adam": ["solver=adam", f"solver.lr={args.adam_lr}", *ov]})
     lm = instantiate(nodes["lm"], max_seconds=args.lm_seconds, max_iterations=100000).solve(problem, x0)
     x = lm.x
     ctx = problem.prepare_context(x)
@@ -57,6 +61,9 @@ def main() -> None:
     gn = float(lin.op.jvp(u).square().sum())  # u^T JᵀJ u
     hess = problem.hessian(x, ctx)
     true = float(u @ hess.hvp(u))
+    at = problem.tangent_point(x)
+    _, j_blocks = torch.func.jvp(lambda d: problem.residual_blocks(at(d), ctx), (torch.zeros_like(u),), (u,))
+    shares = {b: problem.weights.get(b, 1.0) * float(jb.square().sum()) for b, jb in j_blocks.items()}
     jtj = conditioning(lin.op, steps=args.lanczos_steps, want=1)
     start = torch.randn(g.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(g)
     h = lanczos(hess.hvp, start, args.lanczos_steps)  # the Hessian's spectrum (inspection has JᵀJ's only)
@@ -66,6 +73,7 @@ def main() -> None:
         ("cost there", f"{lm.cost:.4g}"),
         ("‖g‖, max|gᵢ|", f"{g2 ** 0.5:.3g}, {float(g.abs().max()):.3g}"),
         ("curvature along -g: Gauss-Newton, Hessian", f"{gn:.3g}, {true:.3g}"),
+        ("its blocks, w_b ‖J_b u‖²", ", ".join(f"{b} {v:.3g}" for b, v in shares.items())),
         ("the model's decrease along -g, ‖g‖⁴ / (2 gᵀJᵀJg) (relative to the cost)",
          f"{g2 / (2 * gn):.3g} ({g2 / (2 * gn) / lm.cost:.2g})"),
         ("JᵀJ: smallest, largest Ritz value (converged)", f"{jtj.eig_min:.3g}, {jtj.eig_max:.3g} ({jtj.converged})"),
@@ -79,7 +87,8 @@ def main() -> None:
         r = instantiate(node, max_seconds=args.seconds, max_iterations=100000, **extra).solve(problem, x)
         rows.append((f"{label}, {args.seconds:g} s from there",
                      f"cost {r.cost:.4g} after {len(r.records) - 1} iterations ({r.termination})"))
-    print(f"# {args.scene}: 48², 12 views, σ = 3e-4, silhouettes; one thread, float32\n")
+    print(f"# {args.scene}: 48², 12 views, σ = 3e-4, silhouettes; one thread, float32"
+          f"{''.join(' ' + o for o in ov)}\n")
     print("| quantity | value |\n|---|---|")
     for k, v in rows:
         print(f"| {k} | {v} |")

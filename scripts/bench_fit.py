@@ -339,7 +339,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             for r in rows:
-                f.write(json.dumps({k: v for k, v in r.items() if k != "curve"}) + "\n")
+                f.write(json.dumps({k: v for k, v in r.items() if k not in ("curve", "metrics_curve")}) + "\n")
 
 
 if __name__ == "__main__":
