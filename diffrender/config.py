@@ -232,7 +232,8 @@ class ImagesConfig(SceneConfig):
     w_laplacian: float = 1.0  # offsets regularizers (as in cow_shape)
     w_edge: float = 0.3
     w_normal: float = 0.1
-    normal_softening: float = 0.1  # as in cow_shape (regularizers.normal_residual); 0: unit normals
+    # as in cow_shape (regularizers.normal_residual); 0 here until bench_captures is measured with it
+    normal_softening: float = 0.0
     w_color_smooth: float = 0.01  # Laplacian of the per-vertex colors
     preconditioner_lambda: float = 10.0  # (I + λL)^-1 on the offsets (Nicolet et al. 2021); 0: Jacobi
 
