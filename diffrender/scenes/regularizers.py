@@ -69,7 +69,7 @@ def normal_residual(verts: Tensor, faces: Tensor, topo: Topology, softening: flo
     ``n = ñ / sqrt(|ñ|² + ε²)``: a unit normal's derivative grows as ``1/|ñ|``, so a face collapsing to a
     sliver gives the term unbounded curvature, and a trust-region solver's steps shrink to what that one face
     allows (LM stalled on bunny_silhouette with ``|∂r/∂v|`` in the thousands at two slivers). Softened, the
-    derivative stays below ``1/ε``, faces well above ε keep their unit normals (``1 - n·n ≈ ε²/2|ñ|²``), and
+    derivative stays below ``1/ε``, faces well above ε keep their unit normals (``1 - |n| ≈ ε²/2|ñ|²``), and
     a sliver's normal shrinks toward 0, which the term still penalizes (``|n_b|² = 1`` against a neighbour).
     """
     from diffrender.mesh import face_normals

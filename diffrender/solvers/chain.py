@@ -3,10 +3,11 @@
 Levenberg-Marquardt can stop short where one stiff residual block bounds every step (README, "Why LM stopped
 short": the shape scenes' normal term at sliver faces, before its normals were softened): the model allows a
 decrease of ~1e-8 of the cost per step and the function tolerance ends the solve with the gradient far from
-zero, while Adam's fixed-size steps go on from there. ``Chain(first=LevenbergMarquardt(...), then=Adam(...))`` runs ``first`` until it stops by
-:data:`HANDOFF` (its accepted steps no longer lower the cost) and gives ``then`` the rest of the budget;
-any other stop ends the chain there. With ``patience > 0``, ``then`` stops when its best cost has not
-fallen by more than ``patience_tolerance`` x the initial cost in ``patience`` iterations.
+zero, while Adam's fixed-size steps go on from there. ``Chain(first=LevenbergMarquardt(...),
+then=Adam(...))`` runs ``first`` until it stops by :data:`HANDOFF` (its accepted steps no longer lower the
+cost) and gives ``then`` the rest of the budget; any other stop ends the chain there. With
+``patience > 0``, ``then`` stops when its best cost has not fallen by more than ``patience_tolerance`` x the
+initial cost in ``patience`` iterations.
 """
 
 from __future__ import annotations
