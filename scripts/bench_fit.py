@@ -192,10 +192,11 @@ def bench_scene(scene: str, spec: dict, scale: float, work: Path, device: str, s
                                      r["final_cost"] if r["final_cost"] is not None else math.inf))
     # the tight target gets its own best rate: the rate first to the target can stall short of the tight one
     tight = min(adams, key=lambda r: (r["seconds_to_tight"] is None, r["seconds_to_tight"] or 0.0))
+    sweep = {str(r["lr"]): (r["seconds_to_target"], r["seconds_to_tight"]) for r in adams}  # before best changes
     best["lr_tight"], best["seconds_to_tight"], best["iterations_to_tight"] = (
         tight["lr"], tight["seconds_to_tight"], tight["iterations_to_tight"])
     best["adam_tuning_s"] = sum(r["seconds"] for r in adams)
-    best["lr_sweep"] = {str(r["lr"]): (r["seconds_to_target"], r["seconds_to_tight"]) for r in adams}
+    best["lr_sweep"] = sweep
     return [best] + [rows_of(label, None) for label, _, _, _ in runs if label != "adam"]
 
 
