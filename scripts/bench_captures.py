@@ -51,6 +51,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+import diffrender.config  # noqa: E402, F401  (registers the config schemas that conf/ names)
 from diffrender.scenes.base import BuildContext  # noqa: E402
 
 SPOT_VIEWS = dict(n=8, distance=2.7, elevations=(-20.0, 25.0), fov=50.0)
@@ -138,11 +139,10 @@ def build_scene(overrides: list[str]):
 
 
 def lm_solver(**kw):
-    from diffrender.solvers import LevenbergMarquardt
-
-    opts = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "solver" / "lm.yaml"))
-    opts.pop("_target_")
-    return LevenbergMarquardt(**{**opts, **kw})
+    """The app's LM (conf/solver/lm.yaml composed with its schema, as fit.py does), with ``kw`` on top."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        node = compose("config", overrides=["scene=images", "solver=lm"]).solver
+    return instantiate(node, **kw)
 
 
 def run_stages(scene, solver_kw: dict | None = None, watch=None) -> tuple[dict, float, float, int]:
