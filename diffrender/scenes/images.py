@@ -99,7 +99,7 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
           up: list[float], search: str, search_below_iou: float, search_directions: int, search_rolls: int,
           search_size: int, w_silhouette: float, w_color: float, w_laplacian: float, w_edge: float,
           w_normal: float, w_color_smooth: float, preconditioner_lambda: float, final_passes: int,
-          ctx: BuildContext, normal_softening: float = 0.0) -> Scene:
+          ctx: BuildContext, normal_softening: float = 0.1) -> Scene:
     from diffrender import render as R
     from diffrender.camera import pose_to_extrinsics
     from diffrender.io import load_dataset
