@@ -137,16 +137,15 @@ def row(scene: str, solver: str, summary: dict, lowest: float | None, lr: float 
             "final_value": final_value(summary, key), "iterations": summary["iterations"],
             "seconds": summary["timings"]["solver_s"], "final_cost": summary.get("final_cost"),
             "final_metrics": summary["final_metrics"], "peak_mb": peak,
-            "curve": [(h["t"], h["cost"]) for h in summary["history"] if isinstance(h.get("cost"), float)],
-            "metrics_curve": [(h["t"], h.get("metrics")) for h in summary["history"]]}
+            # (seconds, cost, metrics) of every recorded point: the plot, and where a fit stood at a given second
+            "curve": [(h["t"], h["cost"], h.get("metrics") or {}) for h in summary["history"]
+                      if isinstance(h.get("cost"), float)]}
 
 
 def state_at(r: dict, seconds: float) -> tuple[float | None, dict]:
     """A row's cost and metrics at ``seconds`` into its fit: its last recorded point not after it (its first
     repeat's path; ``(None, {})`` before its first point)."""
-    cost = next((c for t, c in reversed(r["curve"]) if t <= seconds), None)
-    metrics = next((m for t, m in reversed(r["metrics_curve"]) if t <= seconds and m), {})
-    return cost, metrics
+    return next(((c, m) for t, c, m in reversed(r["curve"]) if t <= seconds), (None, {}))
 
 
 def median_row(rows: list[dict]) -> dict:
@@ -273,7 +272,7 @@ def plot(rows: list[dict], path: Path, panel=(420, 300)) -> None:
     for k, scene in enumerate(scenes):
         ox = k * W
         rs = [r for r in rows if r["scene"] == scene and r["curve"]]
-        pts = [(t, c) for r in rs for t, c in r["curve"] if c > 0 and math.isfinite(c)]
+        pts = [(t, c) for r in rs for t, c, _ in r["curve"] if c > 0 and math.isfinite(c)]
         if not pts:
             continue
         tmax = max(t for t, _ in pts) or 1.0
@@ -291,7 +290,7 @@ def plot(rows: list[dict], path: Path, panel=(420, 300)) -> None:
         d.text((ox + 5, top), f"{hi:.1f}", fill="black")
         d.text((ox + 5, bottom - 10), f"{lo:.1f}", fill="black")
         for j, r in enumerate(rs):
-            line = [xy(t, c) for t, c in r["curve"] if c > 0 and math.isfinite(c)]
+            line = [xy(t, c) for t, c, _ in r["curve"] if c > 0 and math.isfinite(c)]
             col = COLORS.get(r["solver"].split("[")[0], (0, 0, 0))
             if len(line) > 1:
                 d.line(line, fill=col, width=2)
@@ -340,7 +339,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             for r in rows:
-                f.write(json.dumps({k: v for k, v in r.items() if k not in ("curve", "metrics_curve")}) + "\n")
+                f.write(json.dumps({k: v for k, v in r.items() if k != "curve"}) + "\n")
 
 
 if __name__ == "__main__":
