@@ -147,6 +147,9 @@ class ShapeConfig(PyramidConfig):
     # the normal term's ε as a share of the start mesh's median face (2 x area): unit normals for faces well
     # above it, a bounded derivative at slivers (regularizers.normal_residual); 0: plain unit normals
     normal_softening: float = 0.1
+    # coarser copies of the silhouette residual, each averaged over 2x2 more pixels (scenes/multiscale.py): a
+    # Gauss-Newton model that sees further than the blur radius; 0: the full-resolution residual only
+    silhouette_levels: int = 0
     preconditioner_lambda: float = 10.0  # (I + λL)^-1 for the CG solve (Nicolet et al. 2021); 0: off
     view_chunks: int = 1  # residual terms the views are split into (a solver may subsample their curvature)
     image_noise: float = 0.0  # std of Gaussian noise added to the targets (seeded), e.g. for uncertainty.json
@@ -290,7 +293,7 @@ def validate_config(cfg: DictConfig) -> None:
         if v is not None and v < 1:
             raise UserError(f"{key} must be at least 1, got {v}")
     for key in ("solver.max_iterations", "logging.image_every", "logging.metrics_every",
-                "logging.checkpoint_every", "scene.sphere_level"):
+                "logging.checkpoint_every", "scene.sphere_level", "scene.silhouette_levels"):
         v = _number(cfg, key, integer=True)
         if v is not None and v < 0:
             raise UserError(f"{key} must be a non-negative integer, got {v}")

@@ -129,6 +129,8 @@ def test_every_solver_option_is_settable_and_the_yaml_lists_only_real_differing_
     ("renderer.image_size=0", "renderer.image_size must be at least 1, got 0"),
     ("renderer.image_size=-3", "renderer.image_size must be at least 1, got -3"),
     ("scene=cow_shape scene.views=0", "scene.views must be at least 1, got 0"),
+    ("scene=bunny_silhouette scene.silhouette_levels=-1",
+     "scene.silhouette_levels must be a non-negative integer, got -1"),
     ("scene.sigma_schedule=[1e-2,0]", "scene.sigma_schedule: every σ must be a positive number, got 0.0"),
     ("solver=custom", "solver=custom needs your solver class: solver._target_=mypkg.MySolver"),
     ("solver.max_iterations=-1", "solver.max_iterations must be a non-negative integer, got -1"),

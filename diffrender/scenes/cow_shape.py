@@ -32,6 +32,7 @@ from diffrender.scenes.base import (
     sigma_stages,
     stage_size,
 )
+from diffrender.scenes.multiscale import residual_pyramid
 from diffrender.scenes.regularizers import (
     Topology,
     edge_residual,
@@ -55,7 +56,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
           views: int, distance: float, elevations_deg: list[float], color_stage: bool, w_silhouette: float,
           w_color: float, w_laplacian: float, w_edge: float, w_normal: float, preconditioner_lambda: float,
           coarse_scale: float, view_chunks: int, ctx: BuildContext, image_noise: float = 0.0,
-          normal_softening: float = 0.1) -> Scene:
+          normal_softening: float = 0.1, silhouette_levels: int = 0) -> Scene:
     from diffrender import render as R
     from diffrender.camera import camera_from_look_at, orbit_eyes
     from diffrender.mesh import Mesh, icosphere, save_obj
@@ -97,7 +98,11 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
                fov=fov_deg, views=views, distance=distance, elev=list(elevations_deg), color=has_color,
                dtype=str(ctx.dtype), cull=final.cull_backfaces, eps=final.eps, margin=final.margin_px)
     targets = add_image_noise(cached(ctx, key, make_targets, store=len(needed) == int(cam.num_views)), image_noise)
-    weights = {"silhouette": w_silhouette, "laplacian": w_laplacian, "edge": w_edge, "normal": w_normal}
+    levels = int(silhouette_levels)
+    if levels < 0:
+        raise ValueError(f"scene.silhouette_levels must be >= 0, got {levels}")
+    sil_weights = {"silhouette": w_silhouette, **{f"silhouette_{2**k}x": w_silhouette for k in range(1, levels + 1)}}
+    weights = {**sil_weights, "laplacian": w_laplacian, "edge": w_edge, "normal": w_normal}
     pre = None
     if preconditioner_lambda > 0:
         pre = laplacian_preconditioner(topo, base.shape[0], preconditioner_lambda, "offsets", ctx.dtype, ctx.device)
@@ -134,6 +139,10 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
                        sampled_terms=every[:-1], keep_graphs=plan.keep_graphs, reduction=ctx.reduction,
                        remote_terms=[t for t in every if t not in terms])
 
+    def silhouette_blocks(d):
+        """``silhouette`` (α − target) and its coarser levels ``silhouette_<f>x`` (f×f cells, multiscale.py)."""
+        return {"silhouette": d, **{f"silhouette_{f}x": r for f, r in residual_pyramid(d, levels).items()}}
+
     def named(blocks: dict, chunk) -> dict:
         return blocks if chunk is None else {f"{b}/{chunk[0]}": r for b, r in blocks.items()}
 
@@ -143,10 +152,10 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
 
         def image_residuals(p, cam_k, pairs, chunk):
             alpha = R.render(base + p["offsets"], faces, cam_k, pairs, settings, outputs=("alpha",))["alpha"]
-            return named({"silhouette": alpha - (tgt if chunk is None else tgt[chunk[1]])}, chunk)
+            return named(silhouette_blocks(alpha - (tgt if chunk is None else tgt[chunk[1]])), chunk)
 
         return Stage(f"silhouette sigma={s:g} {sizes[i]}px", ["offsets"],
-                     lambda x: problem(settings, camera, image_residuals, {"silhouette": w_silhouette}))
+                     lambda x: problem(settings, camera, image_residuals, sil_weights))
 
     def color_stage_(s: float) -> Stage:
         settings = render_settings(s, gamma, ctx)
@@ -156,10 +165,10 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
             out = R.render(base + p["offsets"], faces, cam_k, pairs, settings, colors=p["colors"], lights=lights,
                            outputs=("alpha", "rgb"))
             a, c = (tgt_a, tgt_rgb) if chunk is None else (tgt_a[chunk[1]], tgt_rgb[chunk[1]])
-            return named({"silhouette": out["alpha"] - a, "color": out["rgb"] - c}, chunk)
+            return named({**silhouette_blocks(out["alpha"] - a), "color": out["rgb"] - c}, chunk)
 
         return Stage("color", ["offsets", "colors"],
-                     lambda x: problem(settings, cam, image_residuals, {"silhouette": w_silhouette, "color": w_color}))
+                     lambda x: problem(settings, cam, image_residuals, {**sil_weights, "color": w_color}))
 
     stages = [silhouette_stage(i, s) for i, s in enumerate(sigmas)]
     x0 = {"offsets": torch.zeros_like(base)}
