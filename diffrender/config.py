@@ -149,7 +149,7 @@ class ShapeConfig(PyramidConfig):
     normal_softening: float = 0.1
     # coarser copies of the silhouette residual, each averaged over 2x2 more pixels (scenes/multiscale.py): a
     # Gauss-Newton model that sees further than the blur radius; 0: the full-resolution residual only
-    silhouette_levels: int = 0
+    silhouette_levels: int = 5
     preconditioner_lambda: float = 10.0  # (I + λL)^-1 for the CG solve (Nicolet et al. 2021); 0: off
     view_chunks: int = 1  # residual terms the views are split into (a solver may subsample their curvature)
     image_noise: float = 0.0  # std of Gaussian noise added to the targets (seeded), e.g. for uncertainty.json

@@ -1,8 +1,10 @@
 """``cow_shape`` and ``bunny_silhouette``: deform an icosphere into a target mesh seen from many views.
 
 Parameters: per-vertex ``offsets`` (V, 3) of the sphere (and per-vertex ``colors`` (V, 3) in the color
-stage). Residual blocks: ``silhouette`` (soft α − target α, all views), ``color`` (shaded rgb − target
-rgb, color stage only), and the regularizers ``laplacian``, ``edge`` and ``normal`` with their weights.
+stage). Residual blocks: ``silhouette`` (soft α − target α, all views) and its coarser levels
+``silhouette_<f>x`` (``silhouette_levels``: f×f cell means times f, :mod:`diffrender.scenes.multiscale`),
+``color`` (shaded rgb − target rgb, color stage only), and the regularizers ``laplacian``, ``edge`` and
+``normal`` with their weights.
 Stages: one silhouette stage per σ of the coarse-to-fine schedule, then (``color_stage``) one stage that
 frees the colors too. The CG solve gets the (I + λL)^{-1} preconditioner on the offsets.
 Views are split into chunks, one residual term each (blocks ``silhouette/<k>``, ``color/<k>``), when
