@@ -238,6 +238,7 @@ class ImagesConfig(SceneConfig):
     # as in cow_shape (regularizers.normal_residual): bench_captures' shape goal, hard IoU 0.9898 with it
     # against 0.9873 with unit normals (0)
     normal_softening: float = 0.1
+    silhouette_levels: int = 0  # coarser copies of the silhouette residual, as in cow_shape (multiscale.py)
     w_color_smooth: float = 0.01  # Laplacian of the per-vertex colors
     preconditioner_lambda: float = 10.0  # (I + λL)^-1 on the offsets (Nicolet et al. 2021); 0: Jacobi
 

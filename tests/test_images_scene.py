@@ -292,3 +292,22 @@ def test_scene_errors_are_one_line(tmp_path):
         with pytest.raises(UserError, match=match) as e:
             _build(tmp_path, **over)
         assert "\n" not in str(e.value)
+
+
+def test_silhouette_levels_are_added_blocks_of_cell_means(tmp_path):
+    sph = icosphere(1, dtype=D)
+    _dataset(tmp_path, sph, [[0.0, 0.0, 3.0], [3.0, 0.0, 0.0]], 16)
+    scene = _build(tmp_path, mesh="sphere", sphere_level=1, sphere_radius=0.8, free=["offsets"],
+                   target="silhouette", masks="{name}", coarse_to_fine=False, silhouette_levels=2, w_silhouette=3.0)
+    x = {k: v.clone() for k, v in scene.x0.items()}
+    problem = scene.stages[-1].make_problem(x)
+    blocks = problem.residual_blocks(x, problem.prepare_context(x))
+    d = blocks["silhouette"]
+    for f in (2, 4):  # f x the plain mean of each f x f cell, with the silhouette's weight
+        n, h, w = d.shape
+        ref = d.reshape(n, h // f, f, w // f, f).mean(dim=(2, 4))
+        torch.testing.assert_close(blocks[f"silhouette_{f}x"], f * ref)
+        assert problem.weights[f"silhouette_{f}x"] == 3.0
+    assert "silhouette_8x" not in blocks
+    with pytest.raises(UserError, match="scene.silhouette_levels must be >= 0, got -1"):
+        _build(tmp_path, free=["offsets"], mesh="sphere", masks="{name}", silhouette_levels=-1)

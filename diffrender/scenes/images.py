@@ -39,6 +39,7 @@ from diffrender.scenes.base import (
     write_json,
 )
 from diffrender.scenes.camera_unknowns import CAMERA_FREE, CameraUnknowns
+from diffrender.scenes.multiscale import residual_pyramid
 from diffrender.scenes.regularizers import (
     Topology,
     edge_residual,
@@ -99,7 +100,7 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
           up: list[float], search: str, search_below_iou: float, search_directions: int, search_rolls: int,
           search_size: int, w_silhouette: float, w_color: float, w_laplacian: float, w_edge: float,
           w_normal: float, w_color_smooth: float, preconditioner_lambda: float, final_passes: int,
-          ctx: BuildContext, normal_softening: float = 0.1) -> Scene:
+          ctx: BuildContext, normal_softening: float = 0.1, silhouette_levels: int = 0) -> Scene:
     from diffrender import render as R
     from diffrender.camera import pose_to_extrinsics
     from diffrender.io import load_dataset
@@ -251,8 +252,11 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
             blocks["color_smooth"] = laplacian_residual(q["colors"], topo_colors)
         return blocks
 
+    if int(silhouette_levels) < 0:
+        raise UserError(f"scene.silhouette_levels must be >= 0, got {silhouette_levels}")
+    sil_levels = [f"silhouette_{2**k}x" for k in range(1, int(silhouette_levels) + 1)]
     weights = {"silhouette": w_silhouette, "color": w_color, "laplacian": w_laplacian, "edge": w_edge,
-               "normal": w_normal, "color_smooth": w_color_smooth}
+               "normal": w_normal, "color_smooth": w_color_smooth, **{b: w_silhouette for b in sil_levels}}
 
     def make_stage(label: str, keys: list[str], s: float, size: tuple[int, int], level: str, with_sil: bool,
                    with_rgb: bool) -> Stage:
@@ -280,8 +284,9 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
                 else:
                     out = R.render(v, f_stage, cam, pairs, settings, outputs=("alpha",))
                 blocks = {}
-                if with_sil:
-                    blocks["silhouette"] = out["alpha"] - tgt
+                if with_sil:  # and its coarser levels (multiscale.py), as in cow_shape
+                    blocks["silhouette"] = d = out["alpha"] - tgt
+                    blocks.update({f"silhouette_{f}x": r for f, r in residual_pyramid(d, len(sil_levels)).items()})
                 if with_rgb:
                     blocks["color"] = shade(q, out) - rgb_target
                 blocks.update(regularizers(q, keys, level, v))
@@ -293,7 +298,7 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
 
             manifolds = {"axis_angle": AxisAngleSO3()} if "axis_angle" in keys else {}
             manifolds.update({k: m for k, m in unknowns.manifolds().items() if k in keys})
-            names = {"silhouette"} if with_sil else set()
+            names = {"silhouette", *sil_levels} if with_sil else set()
             names |= {"color"} if with_rgb else set()
             names |= {"laplacian", "edge", "normal"} if "offsets" in keys or "offsets_fine" in keys else set()
             names |= {"color_smooth"} if "colors" in keys else set()
