@@ -3,6 +3,7 @@
 
     python scripts/bench_captures.py                     # all three goals, one torch thread
     python scripts/bench_captures.py --goal pose --repeats 3 --json rows.jsonl
+    python scripts/bench_captures.py --goal shape --repeats 3 --shape-args "" --shape-args scene.silhouette_levels=5
 
 Targets come from an independent hard z-buffer rasterizer in numpy (``tests/reference_zbuffer.py``: pixel-center
 point-in-triangle tests and a depth test, crisp texture lookups), written to disk in the three formats and read
@@ -255,28 +256,35 @@ def main() -> None:
     ap.add_argument("--goal", choices=list(GOALS), action="append", help="run only these goals (repeatable)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per goal; the table shows medians")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--shape-args", default="", help="extra scene overrides for the shape goal, space separated")
+    ap.add_argument("--shape-args", action="append",
+                    help="extra scene overrides for the shape goal, space separated; repeatable: one row each, "
+                         "their repeats interleaved (e.g. --shape-args '' --shape-args scene.silhouette_levels=5)")
     ap.add_argument("--json", help="append one JSON row per goal to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for goal in args.goal or list(GOALS):
-        runs = []
-        for _ in range(args.repeats):
-            with tempfile.TemporaryDirectory() as d:
-                tmp = Path(d)
-                if goal == "pose":
-                    runs.append(goal_pose(tmp))
-                elif goal == "shape":
-                    runs.append(goal_shape(tmp, args.shape_args.split()))
-                else:
-                    runs.append(goal_color(tmp))
-        row = {k: statistics.median([r[k] for r in runs]) for k in runs[0] if isinstance(runs[0][k], int | float)}
-        row.update(goal=goal, target=GOALS[goal][0], met=GOALS[goal][1](row), repeats=args.repeats,
-                   device="cpu", threads=args.threads, torch=torch.__version__)
-        rows.append(row)
-        print(f"{goal}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-              flush=True)
+        variants = (args.shape_args or [""]) if goal == "shape" else [""]
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for _ in range(args.repeats):  # the variants interleaved, so that the machine's drift hits each alike
+            for v in variants:
+                with tempfile.TemporaryDirectory() as d:
+                    tmp = Path(d)
+                    if goal == "pose":
+                        runs[v].append(goal_pose(tmp))
+                    elif goal == "shape":
+                        runs[v].append(goal_shape(tmp, v.split()))
+                    else:
+                        runs[v].append(goal_color(tmp))
+        for v, rs in runs.items():
+            row = {k: statistics.median([r[k] for r in rs]) for k in rs[0] if isinstance(rs[0][k], int | float)}
+            row.update(goal=goal, target=GOALS[goal][0], met=GOALS[goal][1](row), repeats=args.repeats,
+                       device="cpu", threads=args.threads, torch=torch.__version__)
+            if v:
+                row["args"] = v
+            rows.append(row)
+            print(f"{goal}: " + ", ".join(f"{k} {x:.4g}" if isinstance(x, float) else f"{k} {x}"
+                                          for k, x in row.items()), flush=True)
     print()
     print(f"{'goal':<6} {'target':<44} {'met':<4} figures")
     for r in rows:

@@ -34,7 +34,7 @@ from diffrender.scenes.base import (
     sigma_stages,
     stage_size,
 )
-from diffrender.scenes.multiscale import residual_pyramid
+from diffrender.scenes.multiscale import level_names, with_levels
 from diffrender.scenes.regularizers import (
     Topology,
     edge_residual,
@@ -103,7 +103,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     levels = int(silhouette_levels)
     if levels < 0:
         raise ValueError(f"scene.silhouette_levels must be >= 0, got {levels}")
-    sil_weights = {"silhouette": w_silhouette, **{f"silhouette_{2**k}x": w_silhouette for k in range(1, levels + 1)}}
+    sil_weights = {b: w_silhouette for b in ["silhouette", *level_names("silhouette", levels)]}
     weights = {**sil_weights, "laplacian": w_laplacian, "edge": w_edge, "normal": w_normal}
     pre = None
     if preconditioner_lambda > 0:
@@ -141,10 +141,6 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
                        sampled_terms=every[:-1], keep_graphs=plan.keep_graphs, reduction=ctx.reduction,
                        remote_terms=[t for t in every if t not in terms])
 
-    def silhouette_blocks(d):
-        """``silhouette`` (α − target) and its coarser levels ``silhouette_<f>x`` (f×f cells, multiscale.py)."""
-        return {"silhouette": d, **{f"silhouette_{f}x": r for f, r in residual_pyramid(d, levels).items()}}
-
     def named(blocks: dict, chunk) -> dict:
         return blocks if chunk is None else {f"{b}/{chunk[0]}": r for b, r in blocks.items()}
 
@@ -154,7 +150,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
 
         def image_residuals(p, cam_k, pairs, chunk):
             alpha = R.render(base + p["offsets"], faces, cam_k, pairs, settings, outputs=("alpha",))["alpha"]
-            return named(silhouette_blocks(alpha - (tgt if chunk is None else tgt[chunk[1]])), chunk)
+            return named(with_levels("silhouette", alpha - (tgt if chunk is None else tgt[chunk[1]]), levels), chunk)
 
         return Stage(f"silhouette sigma={s:g} {sizes[i]}px", ["offsets"],
                      lambda x: problem(settings, camera, image_residuals, sil_weights))
@@ -167,7 +163,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
             out = R.render(base + p["offsets"], faces, cam_k, pairs, settings, colors=p["colors"], lights=lights,
                            outputs=("alpha", "rgb"))
             a, c = (tgt_a, tgt_rgb) if chunk is None else (tgt_a[chunk[1]], tgt_rgb[chunk[1]])
-            return named({**silhouette_blocks(out["alpha"] - a), "color": out["rgb"] - c}, chunk)
+            return named({**with_levels("silhouette", out["alpha"] - a, levels), "color": out["rgb"] - c}, chunk)
 
         return Stage("color", ["offsets", "colors"],
                      lambda x: problem(settings, cam, image_residuals, {**sil_weights, "color": w_color}))

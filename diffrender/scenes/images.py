@@ -39,7 +39,7 @@ from diffrender.scenes.base import (
     write_json,
 )
 from diffrender.scenes.camera_unknowns import CAMERA_FREE, CameraUnknowns
-from diffrender.scenes.multiscale import residual_pyramid
+from diffrender.scenes.multiscale import level_names, with_levels
 from diffrender.scenes.regularizers import (
     Topology,
     edge_residual,
@@ -254,7 +254,7 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
 
     if int(silhouette_levels) < 0:
         raise UserError(f"scene.silhouette_levels must be >= 0, got {silhouette_levels}")
-    sil_levels = [f"silhouette_{2**k}x" for k in range(1, int(silhouette_levels) + 1)]
+    sil_levels = level_names("silhouette", int(silhouette_levels))
     weights = {"silhouette": w_silhouette, "color": w_color, "laplacian": w_laplacian, "edge": w_edge,
                "normal": w_normal, "color_smooth": w_color_smooth, **{b: w_silhouette for b in sil_levels}}
 
@@ -285,8 +285,7 @@ def build(*, name: str, folder: str, cameras: str | None, format: str, images: s
                     out = R.render(v, f_stage, cam, pairs, settings, outputs=("alpha",))
                 blocks = {}
                 if with_sil:  # and its coarser levels (multiscale.py), as in cow_shape
-                    blocks["silhouette"] = d = out["alpha"] - tgt
-                    blocks.update({f"silhouette_{f}x": r for f, r in residual_pyramid(d, len(sil_levels)).items()})
+                    blocks.update(with_levels("silhouette", out["alpha"] - tgt, len(sil_levels)))
                 if with_rgb:
                     blocks["color"] = shade(q, out) - rgb_target
                 blocks.update(regularizers(q, keys, level, v))

@@ -36,3 +36,13 @@ def residual_pyramid(d: Tensor, levels: int) -> dict[int, Tensor]:
         f = 2**k
         out[f] = f * F.avg_pool2d(x, f, ceil_mode=True, count_include_pad=False).squeeze(1)
     return out
+
+
+def level_names(block: str, levels: int) -> list[str]:
+    """The blocks of ``block``'s coarser levels: ``<block>_2x, <block>_4x, ..., <block>_<2**levels>x``."""
+    return [f"{block}_{2**k}x" for k in range(1, levels + 1)]
+
+
+def with_levels(block: str, d: Tensor, levels: int) -> dict[str, Tensor]:
+    """``{block: d}`` and its coarser levels under :func:`level_names`' names (``d: (N, H, W)``)."""
+    return {block: d, **{f"{block}_{f}x": r for f, r in residual_pyramid(d, levels).items()}}
