@@ -87,6 +87,8 @@ class SecondOrderSolver(Solver):
             raise ValueError(f"{name}: extend_damping_share must be >= 0 (0: off), got {o.extend_damping_share}")
         if o.max_extensions < 1:
             raise ValueError(f"{name}: max_extensions must be >= 1, got {o.max_extensions}")
+        if o.max_cg_iterations_grown < 0:
+            raise ValueError(f"{name}: max_cg_iterations_grown must be >= 0 (0: off), got {o.max_cg_iterations_grown}")
 
     def init_state(self, problem: Problem, state: SolverState) -> None:
         self.search.init_state(state)
@@ -127,6 +129,11 @@ class SecondOrderSolver(Solver):
         if state.iteration == 0:
             ws.start_gradient_norm = lin.gradient_norm
         return self.gradient_converged(lin, state, ws)
+
+    def cg_cap(self, state: SolverState) -> int:
+        """CG iterations allowed for the next step: ``max_cg_iterations``, or what the trust region grew it to
+        (``max_cg_iterations_grown``; kept in ``state.extra["cg_cap"]`` so a resumed solve continues it)."""
+        return int(state.extra.get("cg_cap", self.options.max_cg_iterations))
 
     def jvp_mode(self) -> str:
         return "transpose" if self.options.jvp_mode == "auto" else self.options.jvp_mode

@@ -55,10 +55,11 @@ def normal_solver(loop: SecondOrderSolver, problem: Problem, state: SolverState,
                                                          torch.zeros_like(diag) if damping is None else damping))
     jtj = loop.curvature(problem, state, ws)
     matvec = jtj if damping is None else (lambda v: jtj(v) + damping * v)
+    cap = loop.cg_cap(state)
 
     def cg(b: Tensor) -> tuple[Tensor, LinearSolve]:
         sol = solve_spd(b, matvec=matvec, precond=pre or jacobi(diag if damping is None else diag + damping),
-                        max_iterations=o.max_cg_iterations, rtol=o.cg_rtol, eta=o.eta if o.eta > 0 else None)
+                        max_iterations=cap, rtol=o.cg_rtol, eta=o.eta if o.eta > 0 else None)
         return sol.x, sol
 
     return cg

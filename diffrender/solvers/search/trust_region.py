@@ -155,6 +155,7 @@ class TrustRegion(Search):
         self.policy.record(rec, region)
         if not step.valid:  # invalid step: a rejection (Ceres' HandleInvalidStep)
             rec.cost_change, rec.rho = math.nan, math.nan
+            self._adapt_cg_cap(loop, state, step, -math.inf)
             return rec, self._reject(state, ws, step)
         delta, pred = step.delta, step.predicted
         assert delta is not None
@@ -172,25 +173,45 @@ class TrustRegion(Search):
         if finite and rho > self.min_relative_decrease:
             o = loop.options
             if o.extend_truncated > 0 and termination is None and rho > o.extend_truncated and \
-                    self._model_limited(loop, step, region, delta):
+                    self._model_limited(loop, state, step, region, delta):
                 trial = self._extend(loop, problem, state, ws, delta, trial, rec)
+            self._adapt_cg_cap(loop, state, step, rho)
             loop.accept(state, ws, trial)
             self.policy.accepted(state, rho, step)
             rec.accepted, rec.cost, rec.block_costs = True, trial.cost, trial.block_costs
             return rec, termination
+        self._adapt_cg_cap(loop, state, step, rho)
         if tiny is not None and termination is None:
             ws.message, termination = tiny, "parameter_tolerance"
         return rec, termination or self._reject(state, ws, step)
 
     @staticmethod
-    def _model_limited(loop: SecondOrderSolver, step: Step, region: Region, delta: Tensor) -> bool:
+    def _adapt_cg_cap(loop: SecondOrderSolver, state: SolverState, step: Step, rho: float) -> None:
+        """``max_cg_iterations_grown``: double the next step's CG cap after a step that CG cut short and whose
+        gain ratio says the Gauss-Newton model held, ``0.75 <= rho < extend_truncated`` (a truncated step in
+        an accurate model: more Krylov directions will pay, as in a truncated Newton method's tail); back to
+        ``max_cg_iterations`` when the model failed (``rho < 1/4``, a rejection) or under-predicted
+        (``rho >= extend_truncated``, where forward tracking lengthens the step instead)."""
+        o = loop.options
+        if o.max_cg_iterations_grown <= o.max_cg_iterations:
+            return
+        cap = loop.cg_cap(state)
+        high = o.extend_truncated if o.extend_truncated > 0 else math.inf
+        if 0.75 <= rho < high and step.cg_iterations >= cap:
+            state.extra["cg_cap"] = min(2 * cap, o.max_cg_iterations_grown)
+        elif rho < 0.25 or rho >= high:
+            state.extra["cg_cap"] = o.max_cg_iterations
+
+    @staticmethod
+    def _model_limited(loop: SecondOrderSolver, state: SolverState, step: Step, region: Region,
+                       delta: Tensor) -> bool:
         """Whether the step's length was set by something other than the region: CG stopped at its cap, or
         the damping adds less than ``extend_damping_share`` to the model's curvature along the step,
         ``lambda ||D delta||^2 < share ||J~ delta||^2`` (i.e. ``lambda < share * step.curvature``), so the
         step is the model's own minimizer, not the region's. Only such a step may be extended: one the region
         cut short was cut for a reason (teapot_pose's first step, extended, lands in the false basin)."""
         o = loop.options
-        if step.cg_iterations >= o.max_cg_iterations and not loop.use_dense(delta.numel()):
+        if step.cg_iterations >= loop.cg_cap(state) and not loop.use_dense(delta.numel()):
             return True
         return o.extend_damping_share > 0 and region.damping < o.extend_damping_share * step.curvature
 
