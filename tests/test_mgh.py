@@ -1,5 +1,5 @@
 """Moré-Garbow-Hillstrom problems 1-19: our LM (dense and matrix-free CG paths, with geodesic acceleration,
-and with the app's rendering settings), Dogleg and Newton-CG against MINPACK.
+with the app's rendering settings, and with a CG cap of 1, fixed and growing), Dogleg and Newton-CG against MINPACK.
 
 Both run with MINPACK's default tolerances as scipy sets them (ftol = xtol = 1e-8; our gradient tolerance
 stays Ceres' 1e-10) and an iteration budget of 100 (n + 1).  A problem counts as solved when the final
@@ -52,13 +52,16 @@ def table():
         for key, run in [("dense", lambda p=p: _ours(p, "dense")), ("cg", lambda p=p: _ours(p, "cg")),
                          ("geodesic", lambda p=p: _ours(p, "dense", geodesic_acceleration=0.75)),
                          ("app", lambda p=p: _ours(p, "auto", **APP_LM)),
+                         # a CG cap of 1 that doubles where the model held, against the same cap fixed
+                         ("cg1", lambda p=p: _ours(p, "cg", max_cg_iterations=1)),
+                         ("cg1_grown", lambda p=p: _ours(p, "cg", max_cg_iterations=1, max_cg_iterations_grown=8)),
                          ("dogleg", lambda p=p: _ours(p, "cg", Dogleg)),
                          ("newton_cg", lambda p=p: _ours(p, "cg", NewtonCG)),
                          ("minpack", lambda p=p: _minpack(p))]:
             f, nfev = run()
             row[key] = (f, classify(p, f), best_lre(p, f), nfev)
         rows.append(row)
-    keys = ("dense", "cg", "geodesic", "app", "dogleg", "newton_cg", "minpack")
+    keys = ("dense", "cg", "geodesic", "app", "cg1", "cg1_grown", "dogleg", "newton_cg", "minpack")
     print("\n  #  problem               " + "".join(f"{k:>30s}" for k in keys))
     for row in rows:
         cells = "".join(f"{row[k][0]:>12.5e} {row[k][1]:>6s} {row[k][2]:>4.1f} {row[k][3]:>5d}" for k in keys)
@@ -77,6 +80,15 @@ def test_our_lm_solves_every_problem_minpack_solves(table):
         # the dense path follows MINPACK's trajectory closely enough to reach the same kind of minimum
         if row["minpack"][1] == "global":
             assert row["dense"][1] == "global", f"{p.number} {p.name}: dense f = {row['dense'][0]:.6e}"
+
+
+def test_a_growing_cg_cap_solves_what_the_fixed_cap_solves(table):
+    """max_cg_iterations_grown on the CG path, cap 1: every problem the fixed cap solves is still solved."""
+    for row in table:
+        f, kind, lre, _ = row["cg1_grown"]
+        assert math.isfinite(f), row["p"].name
+        if row["cg1"][1] != "no":
+            assert kind != "no", f"{row['p'].number} {row['p'].name}: f = {f:.6e}, LRE {lre:.1f}"
 
 
 def test_solved_counts_and_evaluations(table):

@@ -188,6 +188,49 @@ def test_extended_truncated_steps_converge_to_the_same_minimum(max_extensions):
         LevenbergMarquardt(max_extensions=0)
 
 
+def test_the_cg_cap_doubles_while_the_model_holds_and_resets_where_it_fails():
+    """max_cg_iterations_grown, the rule itself: a step CG cut short with 0.75 <= rho < extend_truncated
+    doubles the next cap (up to the limit); rho >= extend_truncated (forward tracking's regime), rho < 1/4
+    or a rejection set it back; a step CG finished itself, or 1/4 <= rho < 3/4, leaves it."""
+    loop = LevenbergMarquardt(linear_solver="cg", max_cg_iterations=2, max_cg_iterations_grown=12,
+                              extend_truncated=1.2)
+    state = SolverState(x={})
+
+    def after(cg_iterations, rho):
+        TrustRegion._adapt_cg_cap(loop, state, Step(None, 1.0, cg_iterations=cg_iterations), rho)
+        return loop.cg_cap(state)
+
+    assert loop.cg_cap(state) == 2
+    assert [after(2, 1.0), after(4, 0.8), after(8, 1.1), after(12, 0.9)] == [4, 8, 12, 12]  # the limit holds
+    assert after(5, 1.0) == 12  # CG converged before the cap: nothing to grow
+    assert after(12, 0.5) == 12  # a fair step: kept
+    assert after(12, 1.2) == 2  # the model under-predicts: back to the base cap
+    assert [after(2, 0.9), after(4, 0.2)] == [4, 2]  # the model failed
+    assert [after(2, 0.9), after(4, -math.inf)] == [4, 2]  # a rejected (or invalid) step
+    off = LevenbergMarquardt(linear_solver="cg", max_cg_iterations=2)  # the class default: fixed cap
+    TrustRegion._adapt_cg_cap(off, state := SolverState(x={}), Step(None, 1.0, cg_iterations=2), 1.0)
+    assert off.cg_cap(state) == 2 and "cg_cap" not in state.extra
+    with pytest.raises(ValueError, match="max_cg_iterations_grown must be >= 0"):
+        LevenbergMarquardt(max_cg_iterations_grown=-1)
+
+
+def test_a_grown_cg_cap_converges_to_the_same_minimum_in_fewer_iterations():
+    """On a nonlinear problem whose Gauss-Newton model holds (rho near 1), one CG iteration per step
+    crawls; letting the cap double where the model held takes fewer iterations to the same minimum."""
+    terms, _, x0 = _many_terms()
+    problem = Problem(terms)
+    opts = dict(linear_solver="cg", max_cg_iterations=1, max_iterations=500, function_tolerance=1e-14,
+                gradient_tolerance=1e-12, eta=0.0)  # no Nash-Sofer stop: CG runs to the cap (n = 8)
+    fixed = LevenbergMarquardt(**opts).solve(problem, x0)
+    grown = LevenbergMarquardt(max_cg_iterations_grown=8, **opts).solve(problem, x0)
+    assert fixed.converged and grown.converged
+    caps = [r.cg_iterations for r in grown.records[1:]]
+    assert caps[:5] == [1, 2, 4, 8, 8]  # it doubled, step by step, up to the limit
+    assert len(grown.records) < len(fixed.records) / 2
+    torch.testing.assert_close(grown.x["x"], fixed.x["x"], rtol=1e-6, atol=1e-8)
+    assert math.isclose(grown.cost, fixed.cost, rel_tol=1e-10)
+
+
 def _diagonal_problem():
     """r = W x - b with diagonal W: ``(problem, x0, x*)``; the cost is exactly quadratic along any ray."""
     w = torch.tensor([1.0, 2.0, 3.0], dtype=D)

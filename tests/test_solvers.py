@@ -85,6 +85,8 @@ def _rosenbrock_many(n=12):
 @pytest.mark.parametrize("solver_cls,opts", [
     (LevenbergMarquardt, dict(linear_solver="cg", dense_threshold=4, hutchinson_probes=3)),  # Hutchinson diag
     (LevenbergMarquardt, dict(linear_solver="dense")),
+    # the grown CG cap lives in the state: a resumed solve takes the same CG iterations per step
+    (LevenbergMarquardt, dict(linear_solver="cg", dense_threshold=4, max_cg_iterations=1, max_cg_iterations_grown=8)),
     (GaussNewton, dict(linear_solver="cg")),
     (Adam, dict(lr=0.05)),
 ])
