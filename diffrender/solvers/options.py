@@ -90,10 +90,10 @@ class SecondOrderOptions(SolverOptions):
     # further trial where that minimizer lies short of 1.25t (the trial that would fail is not paid for)
     extension_rule: str = "doubling"
     # when above max_cg_iterations: after an accepted step that CG cut short, whose gain ratio says the model
-    # held (0.75 <= rho, and below extend_truncated where that is on, i.e. the step was not extended), the
-    # next step's CG cap doubles, up to this; any other step sets it back to max_cg_iterations. More CG
-    # products are paid only where the Gauss-Newton model has just proved accurate (a fit's tail), not where
-    # it under-predicts (forward tracking's job) or fails. 0: the cap stays max_cg_iterations.
+    # held (0.75 <= rho, and below extend_truncated where that is on), the next step's CG cap doubles, up to
+    # this; rho >= extend_truncated, rho < 1/4 or a rejection set it back to max_cg_iterations (1/4 <= rho <
+    # 3/4 keeps it). More CG products are paid only where the Gauss-Newton model has just proved accurate (a
+    # fit's tail), not where it under-predicts (forward tracking's job) or fails. 0: the cap stays fixed.
     max_cg_iterations_grown: int = 0
 
 

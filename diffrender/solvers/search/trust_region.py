@@ -189,7 +189,8 @@ class TrustRegion(Search):
     def _adapt_cg_cap(loop: SecondOrderSolver, state: SolverState, step: Step, rho: float) -> None:
         """``max_cg_iterations_grown``: double the next step's CG cap after a step that CG cut short and whose
         gain ratio says the Gauss-Newton model held, ``0.75 <= rho < extend_truncated`` (a truncated step in
-        an accurate model: more Krylov directions will pay, as in a truncated Newton method's tail); back to
+        an accurate model: more Krylov directions will pay, as Eisenstat & Walker (1996) tighten an inexact
+        Newton solve where the linear model has just agreed with the function); back to
         ``max_cg_iterations`` when the model failed (``rho < 1/4``, a rejection) or under-predicted
         (``rho >= extend_truncated``, where forward tracking lengthens the step instead)."""
         o = loop.options
