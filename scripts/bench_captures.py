@@ -139,20 +139,23 @@ def build_scene(overrides: list[str]):
     return scene, time.perf_counter() - t0
 
 
-def lm_solver(**kw):
-    """The app's LM (conf/solver/lm.yaml composed with its schema, as fit.py does), with ``kw`` on top."""
+def lm_solver(overrides: list[str] = (), **kw):
+    """The app's LM (conf/solver/lm.yaml composed with its schema, as fit.py does), with fit.py's ``solver.*``
+    ``overrides`` and then ``kw`` on top."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        node = compose("config", overrides=["scene=images", "solver=lm"]).solver
+        node = compose("config", overrides=["scene=images", "solver=lm", *overrides]).solver
     return instantiate(node, **kw)
 
 
-def run_stages(scene, solver_kw: dict | None = None, watch=None) -> tuple[dict, float, float, int]:
+def run_stages(scene, solver_kw: dict | None = None, watch=None,
+               solver_overrides: list[str] = ()) -> tuple[dict, float, float, int]:
     """Run every stage as scripts/fit.py does; (x, solver seconds, wall seconds, iterations)."""
     x = {k: v.clone() for k, v in scene.x0.items()}
     solver_s, its, t0 = 0.0, 0, time.perf_counter()
     for st in scene.stages:
         problem = st.make_problem(x)
-        res = lm_solver(**(solver_kw or {})).solve(problem, {k: x[k] for k in st.keys}, callback=watch)
+        solver = lm_solver(solver_overrides, **(solver_kw or {}))
+        res = solver.solve(problem, {k: x[k] for k in st.keys}, callback=watch)
         x.update({k: v.detach() for k, v in res.x.items()})
         solver_s += sum(r.seconds for r in res.records)
         its += len(res.records) - 1
@@ -191,10 +194,13 @@ def goal_pose(tmp: Path) -> dict:
 
 
 def goal_shape(tmp: Path, extra: list[str]) -> dict:
+    """``extra``: fit.py overrides; ``solver.*`` ones go to the LM, the rest to the scene."""
     shape_data(tmp)
+    solver_overrides = [o for o in extra if o.startswith("solver.")]
     scene, build_s = build_scene([f"scene.folder={tmp}", "scene.masks='masks/{name}.png'", "scene.mesh=sphere",
-                                  "scene.sphere_radius=0.6", "scene.free=[offsets]", *extra])
-    x, solver_s, wall_s, its = run_stages(scene)
+                                  "scene.sphere_radius=0.6", "scene.free=[offsets]",
+                                  *(o for o in extra if o not in solver_overrides)])
+    x, solver_s, wall_s, its = run_stages(scene, solver_overrides=solver_overrides)
     m = scene.metrics_fn(x, scene.render_fn(x))
     return {"hard_iou": m["iou"], "build_s": build_s, "lm_s": solver_s, "lm_wall_s": wall_s, "iterations": its,
             "stages": len(scene.stages), "vertices": int(scene.mesh_fn(x)[0].shape[0])}
@@ -257,8 +263,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per goal; the table shows medians")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shape-args", action="append",
-                    help="extra scene overrides for the shape goal, space separated; repeatable: one row each, "
-                         "their repeats interleaved (e.g. --shape-args '' --shape-args scene.silhouette_levels=5)")
+                    help="extra fit.py overrides for the shape goal (scene.* and solver.*), space separated; "
+                         "repeatable: one row each, their repeats interleaved (e.g. --shape-args '' "
+                         "--shape-args scene.silhouette_levels=5)")
     ap.add_argument("--json", help="append one JSON row per goal to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

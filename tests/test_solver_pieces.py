@@ -231,6 +231,23 @@ def test_a_grown_cg_cap_converges_to_the_same_minimum_in_fewer_iterations():
     assert math.isclose(grown.cost, fixed.cost, rel_tol=1e-10)
 
 
+def test_newton_cg_takes_the_grown_cg_cap_too():
+    """Steihaug's CG path (Newton-CG) reads the same cap as LM's and the dogleg's normal solves: with a base
+    cap of 1 that grows, its paths get longer than one leg and it reaches the same minimum in fewer
+    iterations."""
+    terms, _, x0 = _many_terms()
+    problem = Problem(terms)
+    opts = dict(linear_solver="cg", max_cg_iterations=1, max_iterations=300, function_tolerance=1e-14,
+                gradient_tolerance=1e-12)
+    fixed = NewtonCG(**opts).solve(problem, x0)
+    grown = NewtonCG(max_cg_iterations_grown=8, **opts).solve(problem, x0)
+    assert fixed.converged and grown.converged
+    assert max(r.cg_iterations for r in fixed.records) == 1 < max(r.cg_iterations for r in grown.records)
+    assert len(grown.records) < len(fixed.records) / 2
+    torch.testing.assert_close(grown.x["x"], fixed.x["x"], rtol=1e-6, atol=1e-8)
+    assert math.isclose(grown.cost, fixed.cost, rel_tol=1e-10)
+
+
 def _diagonal_problem():
     """r = W x - b with diagonal W: ``(problem, x0, x*)``; the cost is exactly quadratic along any ray."""
     w = torch.tensor([1.0, 2.0, 3.0], dtype=D)

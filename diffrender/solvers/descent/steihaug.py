@@ -58,6 +58,7 @@ class _Path:
     rz: float = 0.0
     q: float = 0.0
     tol: float = 0.0
+    cap: int = 0  # CG legs allowed on this path: the loop's cap when it started (max_cg_iterations_grown)
 
 
 class SteihaugNewton(Descent):
@@ -72,7 +73,7 @@ class SteihaugNewton(Descent):
         assert lin is not None
         g = lin.gradient
         d2 = self.scaling(loop, state, ws) if self.scaling is not None else torch.ones_like(g)
-        path = _Path(lin, 1.0 / d2, d2)
+        path = _Path(lin, 1.0 / d2, d2, cap=loop.cg_cap(state))
         path.p, path.r = torch.zeros_like(g), g.clone()
         path.z = path.m_inv * path.r
         path.d = -path.z
@@ -90,7 +91,7 @@ class SteihaugNewton(Descent):
         """One more CG leg; False once the path has ended."""
         if path.end is not None or path.closed:
             return False
-        if len(path.legs) >= loop.options.max_cg_iterations:
+        if len(path.legs) >= path.cap:
             path.end = (path.p, path.q)
             return False
         hess = path.lin.hessian()
