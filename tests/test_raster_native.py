@@ -238,3 +238,26 @@ def test_native_backend_needs_compiled_pairs_and_cpu_float_tensors():
     with pytest.raises(RuntimeError, match="the kernels take float32 or float64, not torch.bfloat16"):
         use_native(half, "native")
     assert not use_native(half, "auto") and use_native(mesh.verts, "auto")
+
+
+def _check_cuda_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "check_cuda.py"
+    spec = importlib.util.spec_from_file_location("check_cuda", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_check_cuda_script_on_the_cpu_torch_path(monkeypatch, capsys):
+    """scripts/check_cuda.py (the GPU check) run on the CPU: its PyTorch-path renders and derivatives agree
+    with the compiled kernels', so a BAD line on a GPU is the device's, not the script's; and without CUDA it
+    refuses with one line and exit code 2."""
+    mod = _check_cuda_script()
+    lines = mod.check("cpu", size=24)
+    assert len(lines) == 18 and all(line.startswith("ok ") for line in lines), lines
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert mod.main(["--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --device cuda asked for, but CUDA is not available"
