@@ -150,6 +150,11 @@ class ShapeConfig(PyramidConfig):
     # coarser copies of the silhouette residual, each averaged over 2x2 more pixels (scenes/multiscale.py): a
     # Gauss-Newton model that sees further than the blur radius; 0: the full-resolution residual only
     silhouette_levels: int = 5
+    # continuation of the normal term: stages at the final σ with w_normal scaled by these factors, each
+    # for normal_continuation_iterations iterations, before the stage at the full weight (README, "A
+    # regularizer that starts soft"); []: none
+    normal_continuation: list[float] = field(default_factory=list)
+    normal_continuation_iterations: int = 100
     preconditioner_lambda: float = 10.0  # (I + λL)^-1 for the CG solve (Nicolet et al. 2021); 0: off
     view_chunks: int = 1  # residual terms the views are split into (a solver may subsample their curvature)
     image_noise: float = 0.0  # std of Gaussian noise added to the targets (seeded), e.g. for uncertainty.json
@@ -289,7 +294,7 @@ def validate_config(cfg: DictConfig) -> None:
         if v is not None and not (math.isfinite(v) and v > 0):
             raise UserError(f"{key} must be a positive number, got {v}")
     for key in ("renderer.image_size", "scene.image_size", "scene.views", "logging.max_views", "stop_after",
-                "scene.view_chunks"):
+                "scene.view_chunks", "scene.normal_continuation_iterations"):
         v = _number(cfg, key, integer=True)
         if v is not None and v < 1:
             raise UserError(f"{key} must be at least 1, got {v}")
@@ -310,6 +315,9 @@ def validate_config(cfg: DictConfig) -> None:
     for s in OmegaConf.select(cfg, "scene.sigma_schedule", default=None) or []:
         if isinstance(s, bool) or not isinstance(s, int | float) or not (math.isfinite(s) and s > 0):
             raise UserError(f"scene.sigma_schedule: every σ must be a positive number, got {s!r}")
+    for f in OmegaConf.select(cfg, "scene.normal_continuation", default=None) or []:
+        if isinstance(f, bool) or not isinstance(f, int | float) or not (math.isfinite(f) and f >= 0):
+            raise UserError(f"scene.normal_continuation: every factor must be a number >= 0, got {f!r}")
     solver = cfg.get("solver")
     if isinstance(solver, DictConfig) and OmegaConf.is_missing(solver, "_target_"):
         raise UserError("solver=custom needs your solver class: solver._target_=mypkg.MySolver")

@@ -11,12 +11,15 @@ pass. At that point it measures:
 * the extreme eigenvalues of ``JᵀJ`` and of the Hessian (Lanczos).
 
 It then gives ``--seconds`` more to LM with its tolerances off, to Adam at the benchmark's best rate and to
-Newton-CG, all from that same point. Scenes are set up as ``bench_fit.py`` sets them (48², 12 views,
-σ = 3e-4, silhouettes only).
+Newton-CG, all from that same point. With ``--profile N`` it evaluates the cost (per block, pairs searched
+afresh) at N points of the straight segment from LM's stop to Adam's end: a rise along it says that Adam
+left LM's basin rather than went further down in it. Scenes are set up as ``bench_fit.py`` sets them (48²,
+12 views, σ = 3e-4, silhouettes only).
 
     python scripts/analyze_stall.py --scene bunny_silhouette
     python scripts/analyze_stall.py --scene cow_shape --seconds 10
     python scripts/analyze_stall.py --override scene.normal_softening=0   # fit.py overrides of the set-up
+    python scripts/analyze_stall.py --profile 101                          # the segment to Adam's end
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def main() -> None:
     ap.add_argument("--adam-lr", type=float, default=0.01, help="Adam's rate for the continuation")
     ap.add_argument("--lanczos-steps", type=int, default=60)
     ap.add_argument("--override", action="append", default=[], help="a fit.py override of the set-up (repeatable)")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="also evaluate the cost at this many points of the segment from LM's stop to Adam's end")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from hydra.utils import instantiate
@@ -83,15 +88,51 @@ def main() -> None:
     off = dict(function_tolerance=0.0, parameter_tolerance=0.0, gradient_tolerance=0.0)
     continuations = (("LM, tolerances off", nodes["lm"], off), (f"Adam, lr {args.adam_lr}", nodes["adam"], {}),
                      ("Newton-CG", nodes["newton_cg"], {}))
+    ends = {}
     for label, node, extra in continuations:
         r = instantiate(node, max_seconds=args.seconds, max_iterations=100000, **extra).solve(problem, x)
+        ends[label] = r.x
         rows.append((f"{label}, {args.seconds:g} s from there",
                      f"cost {r.cost:.4g} after {len(r.records) - 1} iterations ({r.termination})"))
+    if args.profile > 1:
+        rows += segment_profile(problem, x, ends[f"Adam, lr {args.adam_lr}"], args.profile)
     print(f"# {args.scene}: 48², 12 views, σ = 3e-4, silhouettes; one thread, float32"
           f"{''.join(' ' + o for o in ov)}\n")
     print("| quantity | value |\n|---|---|")
     for k, v in rows:
         print(f"| {k} | {v} |")
+
+
+def segment_profile(problem, x: dict, y: dict, points: int) -> list[tuple[str, str]]:
+    """The cost on the straight segment from ``x`` (LM's stop) to ``y`` (Adam's end), per block, with the
+    pairs searched afresh at every point: whether a barrier lies between the two, and in which block.
+    A local minimum of the profile is a point lower than both neighbours."""
+    layout = problem.layout(x)
+    d = layout.flatten(y) - layout.flatten(x)
+    at = problem.tangent_point(x)
+    ts = torch.linspace(0, 1, points, dtype=torch.float64)
+    evals = [problem.evaluate(at(float(t) * d), problem.prepare_context(at(float(t) * d))) for t in ts]
+    total = torch.tensor([e.cost for e in evals], dtype=torch.float64)
+    minima = int(((total[1:-1] < total[:-2]) & (total[1:-1] < total[2:])).sum())
+    # the barrier: the largest rise of the cost above its running minimum from x on
+    barrier = float((total - total.cummin(0).values).max())
+    blocks = {}
+    for b in evals[0].block_costs:
+        vals = torch.tensor([e.block_costs[b] for e in evals], dtype=torch.float64)
+        blocks[b] = (float(vals[0]), float(vals[-1]), float((vals - vals.cummin(0).values).max()))
+    move = d.reshape(-1, 3).norm(dim=1) if d.numel() % 3 == 0 else d.abs()
+    return [
+        (f"segment LM's stop → Adam's end, {points} points: cost at 0, min, at 1",
+         f"{float(total[0]):.4g}, {float(total.min()):.4g} at t = {float(ts[total.argmin()]):.3f}, "
+         f"{float(total[-1]):.4g}"),
+        ("its local minima, largest rise above the running minimum", f"{minima}, {barrier:.3g}"),
+        ("cost at t = 0, 0.1, ..., 1", ", ".join(f"{float(total[int(i)]):.4g}"
+                                                for i in torch.linspace(0, points - 1, 11).round())),
+        ("per block: at 0, at 1, largest rise", "; ".join(f"{b} {v0:.4g} → {v1:.4g} (rise {r:.3g})"
+                                                           for b, (v0, v1, r) in blocks.items())),
+        ("the move: largest, median per-vertex length (tangent units)",
+         f"{float(move.max()):.3g}, {float(move.median()):.3g}"),
+    ]
 
 
 if __name__ == "__main__":

@@ -205,10 +205,14 @@ def bench_scene(scene: str, spec: dict, scale: float, work: Path, device: str, s
     return [best] + [rows_of(label, None) for label, _, _, _, _ in runs if label != "adam"]
 
 
+# scene options that change only the stages before the last (whose costs do not count), not what is minimized
+STAGES_ONLY = ("scene.normal_continuation",)
+
+
 def objective(overrides: list[str]) -> tuple[str, ...]:
     """What a run minimizes, as far as its own overrides change it: its ``scene.*`` overrides (a variant's
-    solver options change how, not what)."""
-    return tuple(sorted(o for o in overrides if o.startswith("scene.")))
+    solver options change how, not what; so do the options of earlier stages, ``STAGES_ONLY``)."""
+    return tuple(sorted(o for o in overrides if o.startswith("scene.") and not o.startswith(STAGES_ONLY)))
 
 
 def fmt(v, spec=".3g") -> str:

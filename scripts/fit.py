@@ -648,6 +648,11 @@ class Fit:
                 done_before = sum(p.stage_iterations[:i])
                 budget = {"max_iterations": None if max_it is None else int(max_it) - done_before,
                           "max_seconds": None if max_s is None else float(max_s) - p.solver_seconds}
+                # a continuation stage stops after its own iterations and hands on to the next stage
+                capped = st.max_iterations is not None and (budget["max_iterations"] is None
+                                                            or st.max_iterations < budget["max_iterations"])
+                if capped:
+                    budget["max_iterations"] = st.max_iterations
                 if budget["max_iterations"] is not None and budget["max_iterations"] <= 0:
                     termination, message = "max_iterations", f"reached max_iterations = {max_it} (whole fit)"
                     break
@@ -713,6 +718,9 @@ class Fit:
                     interrupted = True
                 if p.time_up:
                     termination, message = "time_limit", f"reached max_seconds = {max_s} (whole fit)"
+                if termination == "max_iterations" and capped and i + 1 < len(scene.stages) \
+                        and not (p.stop_requested or p.signalled):
+                    continue  # the stage's own cap, not the fit's budget
                 if termination in ("interrupted", "failure", "max_iterations", "time_limit") or p.stop_requested \
                         or p.signalled:
                     break  # with a shared budget, a stage that used it up leaves none for the next

@@ -104,6 +104,36 @@ def test_stages_share_the_iteration_and_time_budget(tmp_path):
     assert [st["iterations"] for st in s["stages"]] == [0] and s["termination"] == "time_limit"
 
 
+def test_a_capped_continuation_stage_hands_on_and_resumes_within_it(tmp_path):
+    """scene.normal_continuation: each weaker-normal stage stops after normal_continuation_iterations and the
+    next stage gets what is left of the fit's budget; a fit budget below the cap ends the fit there; a resume
+    inside a capped stage reaches the uninterrupted run's mesh with the same per-stage counts."""
+    small = ["scene=bunny_silhouette", "renderer.image_size=24", "scene.views=3", "scene.coarse_to_fine=false",
+             "scene.silhouette_levels=0", "scene.normal_continuation=[0.1,0.5]",
+             "scene.normal_continuation_iterations=2", "solver.function_tolerance=0",
+             "solver.parameter_tolerance=0", "solver.gradient_tolerance=0", "logging.image_every=0",
+             "logging.metrics_every=0", "logging.checkpoint_every=1", "logging.gif=false",
+             "logging.tensorboard=false", "logging.progress=never"]
+    ref = run_fit(tmp_path, *small, "solver.max_iterations=7")
+    names = [st["stage"] for st in ref["stages"]]
+    assert names[0].endswith("w_normal x0.1") and names[1].endswith("w_normal x0.5") and "w_normal" not in names[2]
+    assert [st["iterations"] for st in ref["stages"]] == [2, 2, 3] and ref["iterations"] == 7
+    assert ref["termination"] == "max_iterations"
+    short = run_fit(tmp_path, *small, "solver.max_iterations=1", run="short")
+    assert [st["iterations"] for st in short["stages"]] == [1] and short["termination"] == "max_iterations"
+    stopped = run_fit(tmp_path, *small, "solver.max_iterations=7", "stop_after=1", run="stopped")
+    assert stopped["stopped"] and [st["iterations"] for st in stopped["stages"]] == [1]
+    resumed = run_fit(tmp_path, f"resume={tmp_path / 'stopped'}", run="ignored")
+    assert [st["iterations"] for st in resumed["stages"]] == [2, 2, 3]
+    np.testing.assert_allclose(_obj_verts(tmp_path / "stopped" / "mesh.obj"), _obj_verts(tmp_path / "run" / "mesh.obj"),
+                               rtol=0, atol=1e-6)
+
+
+def _obj_verts(path) -> np.ndarray:
+    return np.array([[float(v) for v in line.split()[1:4]] for line in path.read_text().splitlines()
+                     if line.startswith("v ")])
+
+
 def test_resume_reproduces_the_uninterrupted_run_and_applies_safe_overrides(teapot_run, tmp_path):
     ref = read_json(teapot_run[0] / "pose.json")["eye"]
     stopped = run_fit(tmp_path, *TEAPOT, "solver.max_iterations=5", "stop_after=3")

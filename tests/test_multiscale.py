@@ -1,5 +1,5 @@
 """The silhouette residual pyramid (scenes/multiscale.py): values against cell means computed by hand, both
-derivative modes, and the shape scene's blocks built from it."""
+derivative modes, and the shape scene's blocks built from it; the shape scene's continuation stages."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_bad_input_is_named():
         residual_pyramid(torch.zeros(1, 4, 4), -1)
 
 
-def _scene(levels: int):
+def _scene(levels: int, **kw):
     from diffrender.scenes import cow_shape
     from diffrender.scenes.base import BuildContext
 
@@ -73,7 +73,7 @@ def _scene(levels: int):
                            views=2, distance=2.5, elevations_deg=[-20.0, 25.0], color_stage=False,
                            w_silhouette=2.0, w_color=1.0, w_laplacian=1.0, w_edge=0.3, w_normal=0.1,
                            preconditioner_lambda=10.0, coarse_scale=1.0, view_chunks=1, ctx=ctx,
-                           silhouette_levels=levels)
+                           silhouette_levels=levels, **kw)
 
 
 def test_shape_scene_adds_the_levels_as_weighted_blocks_with_consistent_derivatives():
@@ -113,3 +113,23 @@ def test_shape_scene_adds_the_levels_as_weighted_blocks_with_consistent_derivati
 def test_negative_levels_are_refused():
     with pytest.raises(ValueError, match="silhouette_levels must be >= 0, got -1"):
         _scene(-1)
+
+
+def test_normal_continuation_stages_scale_only_the_normal_term_and_are_capped():
+    """scene.normal_continuation: one stage per factor before the full-weight stage, at the final σ, each capped
+    at normal_continuation_iterations; the stage's cost is the full one with the normal block scaled."""
+    scene = _scene(1, normal_continuation=[0.1, 0.5], normal_continuation_iterations=7)
+    assert [(st.name, st.max_iterations) for st in scene.stages] == [
+        ("silhouette sigma=0.001 16px w_normal x0.1", 7), ("silhouette sigma=0.001 16px w_normal x0.5", 7),
+        ("silhouette sigma=0.001 16px", None)]
+    x = {"offsets": 0.05 * torch.randn(42, 3, generator=torch.Generator().manual_seed(0), dtype=D)}
+    full = scene.stages[-1].make_problem(x)
+    parts = full.evaluate(x, full.prepare_context(x)).block_costs
+    assert parts["normal"] > 0.01 * sum(parts.values())  # the term matters at this point
+    for factor, stage in zip((0.1, 0.5), scene.stages, strict=False):
+        problem = stage.make_problem(x)
+        got = problem.evaluate(x, problem.prepare_context(x)).block_costs
+        assert got["normal"] == pytest.approx(factor * parts["normal"], rel=1e-12)
+        assert {k: v for k, v in got.items() if k != "normal"} == pytest.approx(
+            {k: v for k, v in parts.items() if k != "normal"}, rel=1e-12)
+    assert [st.max_iterations for st in _scene(1).stages] == [None]  # off by default

@@ -66,11 +66,14 @@ class BuildContext:
 @dataclass
 class Stage:
     """One solve of a (possibly staged) fit: a Problem over the parameters ``keys``, the others held at
-    their current values. ``make_problem(x)`` receives the full current parameters."""
+    their current values. ``make_problem(x)`` receives the full current parameters. ``max_iterations``
+    caps this stage's iterations within the fit's budget (a continuation stage that hands on to the next
+    one after so many iterations rather than at convergence); None: the stage runs to its solver's stop."""
 
     name: str
     keys: list[str]
     make_problem: Callable[[Params], Any]
+    max_iterations: int | None = None
 
 
 @dataclass

@@ -58,7 +58,8 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
           views: int, distance: float, elevations_deg: list[float], color_stage: bool, w_silhouette: float,
           w_color: float, w_laplacian: float, w_edge: float, w_normal: float, preconditioner_lambda: float,
           coarse_scale: float, view_chunks: int, ctx: BuildContext, image_noise: float = 0.0,
-          normal_softening: float = 0.1, silhouette_levels: int = 0) -> Scene:
+          normal_softening: float = 0.1, silhouette_levels: int = 0,
+          normal_continuation: list[float] | None = None, normal_continuation_iterations: int = 100) -> Scene:
     from diffrender import render as R
     from diffrender.camera import camera_from_look_at, orbit_eyes
     from diffrender.mesh import Mesh, icosphere, save_obj
@@ -115,17 +116,19 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
         return {"laplacian": laplacian_residual(v, topo), "edge": edge_residual(v, topo),
                 "normal": normal_residual(v, faces, topo, eps)}
 
-    def problem(settings, camera, image_residuals, block_weights: dict[str, float]):
+    def problem(settings, camera, image_residuals, block_weights: dict[str, float], normal_factor: float = 1.0):
         """The stage's Problem: one term of every view (the plain problem), or one term per chunk of views
-        that this process owns (``views/<k>``, blocks ``<kind>/<k>``), plus ``regularizers`` in rank 0."""
+        that this process owns (``views/<k>``, blocks ``<kind>/<k>``), plus ``regularizers`` in rank 0.
+        ``normal_factor`` scales the normal term's weight (a continuation stage)."""
         from diffrender.problem import Problem
 
+        weights_ = {**weights, "normal": weights["normal"] * normal_factor}
         if plan.single:
             def residuals(p, pairs):
                 return {**image_residuals(p, camera, pairs, None), **regularizers(base + p["offsets"])}
 
             return Problem(residuals, prepare=lambda p: R.prepare(base + p["offsets"], faces, camera, settings),
-                           weights={**weights, **block_weights}, preconditioner=pre)
+                           weights={**weights_, **block_weights}, preconditioner=pre)
         terms, prepares, chunk_weights = {}, {}, {}
         for k in plan.local_chunks:
             idx = list(plan.chunks[k])
@@ -135,7 +138,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
             chunk_weights.update({f"{b}/{k}": w for b, w in block_weights.items()})
         if ctx.rank == 0:
             terms["regularizers"] = lambda p, _: regularizers(base + p["offsets"])
-            chunk_weights.update({b: weights[b] for b in ("laplacian", "edge", "normal")})
+            chunk_weights.update({b: weights_[b] for b in ("laplacian", "edge", "normal")})
         every = [f"views/{k}" for k in range(len(plan.chunks))] + ["regularizers"]
         return Problem(terms, prepare=prepares, weights=chunk_weights, preconditioner=pre,
                        sampled_terms=every[:-1], keep_graphs=plan.keep_graphs, reduction=ctx.reduction,
@@ -144,7 +147,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     def named(blocks: dict, chunk) -> dict:
         return blocks if chunk is None else {f"{b}/{chunk[0]}": r for b, r in blocks.items()}
 
-    def silhouette_stage(i: int, s: float) -> Stage:
+    def silhouette_stage(i: int, s: float, normal_factor: float = 1.0) -> Stage:
         settings = render_settings(s, gamma, ctx)
         tgt, camera = targets[f"alpha_{i}"], cams[sizes[i]]
 
@@ -152,8 +155,12 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
             alpha = R.render(base + p["offsets"], faces, cam_k, pairs, settings, outputs=("alpha",))["alpha"]
             return named(with_levels("silhouette", alpha - (tgt if chunk is None else tgt[chunk[1]]), levels), chunk)
 
-        return Stage(f"silhouette sigma={s:g} {sizes[i]}px", ["offsets"],
-                     lambda x: problem(settings, camera, image_residuals, sil_weights))
+        name = f"silhouette sigma={s:g} {sizes[i]}px"
+        if normal_factor == 1.0:
+            return Stage(name, ["offsets"], lambda x: problem(settings, camera, image_residuals, sil_weights))
+        return Stage(f"{name} w_normal x{normal_factor:g}", ["offsets"],
+                     lambda x: problem(settings, camera, image_residuals, sil_weights, normal_factor),
+                     max_iterations=int(normal_continuation_iterations))
 
     def color_stage_(s: float) -> Stage:
         settings = render_settings(s, gamma, ctx)
@@ -168,7 +175,13 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
         return Stage("color", ["offsets", "colors"],
                      lambda x: problem(settings, cam, image_residuals, {**sil_weights, "color": w_color}))
 
-    stages = [silhouette_stage(i, s) for i, s in enumerate(sigmas)]
+    # continuation (graduated non-convexity): the normal term's 1 - cos between neighbours is what traps LM
+    # in a worse basin; a weaker term first lets the silhouettes pull the mesh further (README, "A regularizer
+    # that starts soft")
+    last = len(sigmas) - 1
+    stages = [silhouette_stage(i, s) for i, s in enumerate(sigmas[:-1])]
+    stages += [silhouette_stage(last, sigmas[-1], float(f)) for f in normal_continuation or []]
+    stages.append(silhouette_stage(last, sigmas[-1]))
     x0 = {"offsets": torch.zeros_like(base)}
     target = {"alpha": targets[f"alpha_{len(sigmas) - 1}"]}
     if has_color:
