@@ -118,10 +118,10 @@ def test_negative_levels_are_refused():
 def test_normal_continuation_stages_scale_only_the_normal_term_and_are_capped():
     """scene.normal_continuation: one stage per factor before the full-weight stage, at the final σ, each capped
     at normal_continuation_iterations; the stage's cost is the full one with the normal block scaled."""
-    scene = _scene(1, normal_continuation=[0.1, 0.5], normal_continuation_iterations=7)
+    scene = _scene(1, normal_continuation=[0.1, 0.5, 1.0], normal_continuation_iterations=7)
     assert [(st.name, st.max_iterations) for st in scene.stages] == [
         ("silhouette sigma=0.001 16px w_normal x0.1", 7), ("silhouette sigma=0.001 16px w_normal x0.5", 7),
-        ("silhouette sigma=0.001 16px", None)]
+        ("silhouette sigma=0.001 16px w_normal x1", 7), ("silhouette sigma=0.001 16px", None)]
     x = {"offsets": 0.05 * torch.randn(42, 3, generator=torch.Generator().manual_seed(0), dtype=D)}
     full = scene.stages[-1].make_problem(x)
     parts = full.evaluate(x, full.prepare_context(x)).block_costs

@@ -147,7 +147,9 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     def named(blocks: dict, chunk) -> dict:
         return blocks if chunk is None else {f"{b}/{chunk[0]}": r for b, r in blocks.items()}
 
-    def silhouette_stage(i: int, s: float, normal_factor: float = 1.0) -> Stage:
+    def silhouette_stage(i: int, s: float, normal_factor: float | None = None) -> Stage:
+        """A silhouette stage at σ = s; with ``normal_factor``, a continuation stage (the normal term's weight
+        scaled, capped at normal_continuation_iterations)."""
         settings = render_settings(s, gamma, ctx)
         tgt, camera = targets[f"alpha_{i}"], cams[sizes[i]]
 
@@ -156,7 +158,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
             return named(with_levels("silhouette", alpha - (tgt if chunk is None else tgt[chunk[1]]), levels), chunk)
 
         name = f"silhouette sigma={s:g} {sizes[i]}px"
-        if normal_factor == 1.0:
+        if normal_factor is None:
             return Stage(name, ["offsets"], lambda x: problem(settings, camera, image_residuals, sil_weights))
         return Stage(f"{name} w_normal x{normal_factor:g}", ["offsets"],
                      lambda x: problem(settings, camera, image_residuals, sil_weights, normal_factor),
