@@ -111,7 +111,8 @@ def segment_profile(problem, x: dict, y: dict, points: int) -> list[tuple[str, s
     d = layout.flatten(y) - layout.flatten(x)
     at = problem.tangent_point(x)
     ts = torch.linspace(0, 1, points, dtype=torch.float64)
-    evals = [problem.evaluate(at(float(t) * d), problem.prepare_context(at(float(t) * d))) for t in ts]
+    points_x = [at(float(t) * d) for t in ts]
+    evals = [problem.evaluate(p, problem.prepare_context(p)) for p in points_x]
     total = torch.tensor([e.cost for e in evals], dtype=torch.float64)
     minima = int(((total[1:-1] < total[:-2]) & (total[1:-1] < total[2:])).sum())
     # the barrier: the largest rise of the cost above its running minimum from x on
@@ -120,7 +121,7 @@ def segment_profile(problem, x: dict, y: dict, points: int) -> list[tuple[str, s
     for b in evals[0].block_costs:
         vals = torch.tensor([e.block_costs[b] for e in evals], dtype=torch.float64)
         blocks[b] = (float(vals[0]), float(vals[-1]), float((vals - vals.cummin(0).values).max()))
-    move = d.reshape(-1, 3).norm(dim=1) if d.numel() % 3 == 0 else d.abs()
+    move = d.reshape(-1, 3).norm(dim=1)  # the shape scenes' unknowns: one offset per vertex
     return [
         (f"segment LM's stop → Adam's end, {points} points: cost at 0, min, at 1",
          f"{float(total[0]):.4g}, {float(total.min()):.4g} at t = {float(ts[total.argmin()]):.3f}, "

@@ -154,7 +154,8 @@ def run_stages(scene, solver_kw: dict | None = None, watch=None,
     solver_s, its, t0 = 0.0, 0, time.perf_counter()
     for st in scene.stages:
         problem = st.make_problem(x)
-        solver = lm_solver(solver_overrides, **(solver_kw or {}))
+        cap = {} if st.max_iterations is None else {"max_iterations": st.max_iterations}  # as fit.py caps it
+        solver = lm_solver(solver_overrides, **{**(solver_kw or {}), **cap})
         res = solver.solve(problem, {k: x[k] for k in st.keys}, callback=watch)
         x.update({k: v.detach() for k, v in res.x.items()})
         solver_s += sum(r.seconds for r in res.records)

@@ -27,14 +27,20 @@ TEAPOT = ["renderer.image_size=48", "renderer.coarse_to_fine=false", "renderer.s
 TRUE_EYE = np.array([0.0, 3 * math.sin(math.radians(50)), 3 * math.cos(math.radians(50))])
 
 
+def script_module(name: str):
+    """scripts/<name>.py imported as a module (once), as ``<name>_script``."""
+    key = f"{name}_script"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "scripts" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[key]
+
+
 def fit_module():
     """scripts/fit.py imported as a module (once)."""
-    if "fit_script" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("fit_script", FIT)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["fit_script"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["fit_script"]
+    return script_module("fit")
 
 
 def compose(*overrides: str):

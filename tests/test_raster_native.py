@@ -3,6 +3,7 @@ pairs, values and derivatives in every AD mode the solvers use, and the fallback
 
 import pytest
 import torch
+from fitutil import script_module
 
 from diffrender.camera import camera_from_look_at
 from diffrender.mesh import icosphere, load_obj, normalize
@@ -240,22 +241,11 @@ def test_native_backend_needs_compiled_pairs_and_cpu_float_tensors():
     assert not use_native(half, "auto") and use_native(mesh.verts, "auto")
 
 
-def _check_cuda_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "check_cuda.py"
-    spec = importlib.util.spec_from_file_location("check_cuda", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_check_cuda_script_on_the_cpu_torch_path(monkeypatch, capsys):
     """scripts/check_cuda.py (the GPU check) run on the CPU: its PyTorch-path renders and derivatives agree
     with the compiled kernels', so a BAD line on a GPU is the device's, not the script's; and without CUDA it
     refuses with one line and exit code 2."""
-    mod = _check_cuda_script()
+    mod = script_module("check_cuda")
     lines = mod.check("cpu", size=24)
     assert len(lines) == 18 and all(line.startswith("ok ") for line in lines), lines
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

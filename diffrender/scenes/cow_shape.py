@@ -185,7 +185,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
     stages += [silhouette_stage(last, sigmas[-1], float(f)) for f in normal_continuation or []]
     stages.append(silhouette_stage(last, sigmas[-1]))
     x0 = {"offsets": torch.zeros_like(base)}
-    target = {"alpha": targets[f"alpha_{len(sigmas) - 1}"]}
+    target = {"alpha": targets[f"alpha_{last}"]}
     if has_color:
         stages.append(color_stage_(sigmas[-1]))
         x0["colors"] = torch.full_like(base, 0.5)

@@ -180,7 +180,7 @@ class TrustRegion(Search):
             self.policy.accepted(state, rho, step)
             rec.accepted, rec.cost, rec.block_costs = True, trial.cost, trial.block_costs
             return rec, termination
-        self._adapt_cg_cap(loop, state, step, rho)
+        self._adapt_cg_cap(loop, state, step, -math.inf)  # a rejection resets, a NaN rho (0 / 0) too
         if tiny is not None and termination is None:
             ws.message, termination = tiny, "parameter_tolerance"
         return rec, termination or self._reject(state, ws, step)
