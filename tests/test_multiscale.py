@@ -126,7 +126,7 @@ def test_normal_continuation_stages_scale_only_the_normal_term_and_are_capped():
     full = scene.stages[-1].make_problem(x)
     parts = full.evaluate(x, full.prepare_context(x)).block_costs
     assert parts["normal"] > 0.01 * sum(parts.values())  # the term matters at this point
-    for factor, stage in zip((0.1, 0.5), scene.stages, strict=False):
+    for factor, stage in zip((0.1, 0.5), scene.stages[:2], strict=True):
         problem = stage.make_problem(x)
         got = problem.evaluate(x, problem.prepare_context(x)).block_costs
         assert got["normal"] == pytest.approx(factor * parts["normal"], rel=1e-12)

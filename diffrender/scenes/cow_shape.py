@@ -122,13 +122,13 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
         ``normal_factor`` scales the normal term's weight (a continuation stage)."""
         from diffrender.problem import Problem
 
-        weights_ = {**weights, "normal": weights["normal"] * normal_factor}
+        stage_weights = {**weights, "normal": weights["normal"] * normal_factor}
         if plan.single:
             def residuals(p, pairs):
                 return {**image_residuals(p, camera, pairs, None), **regularizers(base + p["offsets"])}
 
             return Problem(residuals, prepare=lambda p: R.prepare(base + p["offsets"], faces, camera, settings),
-                           weights={**weights_, **block_weights}, preconditioner=pre)
+                           weights={**stage_weights, **block_weights}, preconditioner=pre)
         terms, prepares, chunk_weights = {}, {}, {}
         for k in plan.local_chunks:
             idx = list(plan.chunks[k])
@@ -138,7 +138,7 @@ def build(*, name: str, mesh: str, image_size: int, sigma: float, sigma_schedule
             chunk_weights.update({f"{b}/{k}": w for b, w in block_weights.items()})
         if ctx.rank == 0:
             terms["regularizers"] = lambda p, _: regularizers(base + p["offsets"])
-            chunk_weights.update({b: weights_[b] for b in ("laplacian", "edge", "normal")})
+            chunk_weights.update({b: stage_weights[b] for b in ("laplacian", "edge", "normal")})
         every = [f"views/{k}" for k in range(len(plan.chunks))] + ["regularizers"]
         return Problem(terms, prepare=prepares, weights=chunk_weights, preconditioner=pre,
                        sampled_terms=every[:-1], keep_graphs=plan.keep_graphs, reduction=ctx.reduction,
